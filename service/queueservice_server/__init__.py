@@ -1,0 +1,1 @@
+"""The queue service: gRPC API, queue core on Redis, Huey workers."""

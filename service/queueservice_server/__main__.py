@@ -1,0 +1,3 @@
+from queueservice_server.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The gRPC API: servicers, validation, error mapping and proto conversion."""

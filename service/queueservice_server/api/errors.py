@@ -1,0 +1,101 @@
+"""Errors as callers see them: a standard code, a message that says what to fix,
+and google.rpc details (BadRequest, ResourceInfo, QuotaFailure, ErrorInfo).
+
+Every servicer method goes through `rpc`, so nothing reaches a caller as
+UNKNOWN or with a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import redis.exceptions
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "queueservice"
+
+
+class ApiError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str, details: Sequence[Message] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = tuple(details)
+
+    def to_status(self) -> grpc.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details:
+            status.details.add().Pack(detail)
+        return rpc_status.to_status(status)
+
+
+def invalid_argument(violations: Sequence[tuple[str, str]]) -> ApiError:
+    request = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+    )
+    message = "; ".join(f"{field}: {description}" for field, description in violations)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, [request])
+
+
+def not_found(resource_type: str, name: str, message: str) -> ApiError:
+    info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name, description=message)
+    return ApiError(grpc.StatusCode.NOT_FOUND, message, [info])
+
+
+def resource_exhausted(subject: str, message: str) -> ApiError:
+    quota = error_details_pb2.QuotaFailure(
+        violations=[error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)]
+    )
+    return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, [quota])
+
+
+def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
+
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def rpc(method: Handler[R]) -> Handler[R]:
+    """Maps ApiError to its status, Redis outages to UNAVAILABLE, and anything else to INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except ApiError as exc:
+            await context.abort_with_status(exc.to_status())
+        except REDIS_DOWN as exc:
+            log.warning("redis unavailable during %s: %s", method.__name__, exc)
+            error = ApiError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the queue's Redis is unreachable; retry with backoff",
+                [_error_info("REDIS_UNAVAILABLE")],
+            )
+            await context.abort_with_status(error.to_status())
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception("internal error in %s", method.__name__, extra={"error_ref": ref})
+            error = ApiError(
+                grpc.StatusCode.INTERNAL,
+                f"internal error (reference {ref} in the server log)",
+                [_error_info("INTERNAL", reference=ref)],
+            )
+            await context.abort_with_status(error.to_status())
+        raise AssertionError("abort_with_status returned")
+
+    return wrapper

@@ -1,0 +1,106 @@
+"""Turns Enqueue requests into JobSpecs, or into errors that name the field to fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format
+
+from queueservice.v1 import queue_service_pb2
+from queueservice_server.api.errors import invalid_argument, not_found, resource_exhausted
+from queueservice_server.producer import JobSpec
+from queueservice_server.settings import QUEUE_NAME_RE, Settings
+from queueservice_server.tasks import TaskDef
+
+MAX_PRIORITY = 1000
+MAX_ATTEMPTS = 100
+MAX_IDEMPOTENCY_KEY = 256
+MAX_DELAY_S = 366 * 24 * 3600
+MAX_TIMEOUT_S = 24 * 3600
+DEFAULT_QUEUE = "default"
+
+
+def _seconds(duration: Any) -> float:
+    return float(duration.seconds) + duration.nanos / 1e9
+
+
+class Validator:
+    def __init__(self, settings: Settings, tasks: Mapping[str, TaskDef]) -> None:
+        self.settings = settings
+        self.tasks = tasks
+
+    def queue(self, name: str, field: str = "queue") -> str:
+        """The queue a request names ("" means default), or INVALID_ARGUMENT / NOT_FOUND."""
+        queue = name or DEFAULT_QUEUE
+        if not QUEUE_NAME_RE.match(queue):
+            raise invalid_argument([(field, f"{queue!r} is not a queue name (letters, digits, '_', '.', '-'; 1-64)")])
+        if queue not in self.settings.queues:
+            raise not_found(
+                "queue", queue, f"{field}: no queue named {queue!r}; configured: {', '.join(self.settings.queues)}"
+            )
+        return queue
+
+    def job(self, request: queue_service_pb2.EnqueueRequest, path: str = "") -> JobSpec:
+        violations: list[tuple[str, str]] = []
+        definition = self.tasks.get(request.task)
+        if not request.task:
+            violations.append((path + "task", "required: the name of a registered task, e.g. 'diag.noop'"))
+        elif definition is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            violations.append((path + "task", f"unknown task {request.task!r}; registered tasks: {known}"))
+        if not 0 <= request.priority <= MAX_PRIORITY:
+            violations.append((path + "priority", f"must be between 0 and {MAX_PRIORITY}, got {request.priority}"))
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            violations.append((path + "idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
+        if request.HasField("max_attempts") and not 1 <= request.max_attempts <= MAX_ATTEMPTS:
+            violations.append((path + "max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, got {request.max_attempts}"))
+        timeout = _seconds(request.timeout) if request.HasField("timeout") else None
+        if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
+            violations.append((path + "timeout", f"must be positive and at most {MAX_TIMEOUT_S} s"))
+        delay_ms = due_at_ms = 0
+        if request.HasField("delay"):
+            delay = _seconds(request.delay)
+            if not 0 <= delay <= MAX_DELAY_S:
+                violations.append((path + "delay", f"must be between 0 and {MAX_DELAY_S} s, got {delay:g} s"))
+            delay_ms = int(delay * 1000)
+        elif request.HasField("schedule_time"):
+            due_at_ms = request.schedule_time.ToMilliseconds()
+        if violations:
+            raise invalid_argument(violations)
+        assert definition is not None
+        queue = self.queue(request.queue, path + "queue")
+        size = request.payload.ByteSize()
+        if size > self.settings.max_payload_bytes:
+            raise resource_exhausted(
+                path + "payload",
+                f"{path}payload is {size} bytes; the limit is {self.settings.max_payload_bytes} bytes "
+                "(store large data elsewhere and enqueue a reference)",
+            )
+        policy = definition.policy
+        return JobSpec(
+            queue=queue,
+            task=definition.name,
+            payload=json_format.MessageToDict(request.payload),
+            priority=request.priority,
+            delay_ms=delay_ms,
+            due_at_ms=due_at_ms,
+            max_attempts=request.max_attempts
+            if request.HasField("max_attempts")
+            else policy.max_attempts or self.settings.default_max_attempts,
+            timeout=timeout or policy.timeout or self.settings.default_timeout,
+            retry_delay=policy.retry_delay if policy.retry_delay is not None else self.settings.retry_backoff_base,
+            retry_backoff=policy.retry_backoff,
+            idempotency_key=request.idempotency_key,
+        )
+
+    def batch(self, request: queue_service_pb2.EnqueueBatchRequest) -> list[JobSpec]:
+        count = len(request.jobs)
+        if count == 0:
+            raise invalid_argument([("jobs", "required: at least one job")])
+        if count > self.settings.max_batch_size:
+            raise resource_exhausted(
+                "jobs", f"jobs: {count} jobs in one batch; the limit is {self.settings.max_batch_size} (split the batch)"
+            )
+        return [self.job(job, f"jobs[{i}].") for i, job in enumerate(request.jobs)]
+

@@ -1,0 +1,54 @@
+"""grpc.health.v1 status that follows Redis: NOT_SERVING while Redis does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio
+from grpc_health.v1 import health, health_pb2
+
+from queueservice.v1 import admin_service_pb2, queue_service_pb2
+from queueservice_server.api.errors import REDIS_DOWN
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    "",
+    queue_service_pb2.DESCRIPTOR.services_by_name["QueueService"].full_name,
+    admin_service_pb2.DESCRIPTOR.services_by_name["QueueAdminService"].full_name,
+)
+CHECK_INTERVAL_S = 1.0
+
+
+class RedisHealth:
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.servicer = health.aio.HealthServicer()
+        self.serving: bool | None = None
+
+    async def _set(self, serving: bool) -> None:
+        if serving == self.serving:
+            return
+        if self.serving is not None:
+            log.warning("redis %s", "reachable again: SERVING" if serving else "unreachable: NOT_SERVING")
+        self.serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in SERVICE_NAMES:
+            await self.servicer.set(name, status)
+
+    async def check(self) -> None:
+        try:
+            await self.client.ping()
+        except REDIS_DOWN:
+            await self._set(False)
+        else:
+            await self._set(True)
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(CHECK_INTERVAL_S)
+
+    async def shutdown(self) -> None:
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,105 @@
+"""The queue core on the API side: writes jobs and reads them back, on redis.asyncio.
+
+Each job is one ENQUEUE script call (record, order in its queue, idempotency
+key: one atomic step); a batch is one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio
+
+from queueservice_server.codec import encode_message
+from queueservice_server.jobs import JobRecord, new_job_id, split_job_id
+from queueservice_server.keys import QueueKeys
+from queueservice_server.scripts import Scripts
+from queueservice_server.settings import Settings
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated request for one job, with its effective policy."""
+
+    queue: str
+    task: str
+    payload: dict[str, Any]
+    priority: int = 0
+    delay_ms: int = 0
+    due_at_ms: int = 0
+    max_attempts: int = 3
+    timeout: float = 300.0
+    retry_delay: float = 2.0
+    retry_backoff: float = 2.0
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    job_id: str
+    enqueued_at_ms: int
+    deduplicated: bool
+
+
+class Producer:
+    def __init__(self, settings: Settings, client: redis.asyncio.Redis) -> None:
+        self.settings = settings
+        self.client = client
+        self.scripts = Scripts.bind(client)
+
+    def keys(self, queue: str) -> QueueKeys:
+        return QueueKeys(self.settings.key_prefix, queue)
+
+    async def enqueue(self, specs: Sequence[JobSpec]) -> list[Enqueued]:
+        idempotency_ttl_ms = int(self.settings.idempotency_window * 1000)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for spec in specs:
+                keys = self.keys(spec.queue)
+                job_id = new_job_id(spec.queue)
+                local = job_id.rpartition(":")[2]
+                msg = encode_message(
+                    job_id=job_id,
+                    task=spec.task,
+                    payload=spec.payload,
+                    retries=spec.max_attempts - 1,
+                    retry_delay=spec.retry_delay,
+                    retry_backoff=spec.retry_backoff,
+                    timeout=spec.timeout,
+                )
+                script_keys = [keys.waiting, keys.delayed, keys.counters, keys.job(local)]
+                if spec.idempotency_key:
+                    script_keys.append(keys.idempotency(spec.idempotency_key))
+                await self.scripts.enqueue(
+                    keys=script_keys,
+                    args=[
+                        local,
+                        msg,
+                        spec.task,
+                        spec.priority,
+                        spec.delay_ms,
+                        spec.due_at_ms,
+                        spec.max_attempts,
+                        int(spec.timeout * 1000),
+                        idempotency_ttl_ms,
+                        spec.idempotency_key,
+                        keys.job_prefix,
+                    ],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
+        return [
+            Enqueued(job_id=f"{spec.queue}:{local.decode()}", enqueued_at_ms=int(at), deduplicated=bool(dedup))
+            for spec, (local, dedup, at) in zip(specs, replies, strict=True)
+        ]
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        parts = split_job_id(job_id)
+        if parts is None or parts[0] not in self.settings.queues:
+            return None
+        queue, local = parts
+        fields = await self.client.hgetall(self.keys(queue).job(local))
+        if not fields:
+            return None
+        return JobRecord.from_hash(job_id, queue, fields)

@@ -1,0 +1,102 @@
+"""The gRPC server: `create_server` builds it on any address (port 0 in tests),
+`serve` runs it until SIGTERM or SIGINT and then drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
+from queueservice_server.api.queue_servicer import QueueServicer
+from queueservice_server.api.validation import Validator
+from queueservice_server.health import SERVICE_NAMES, RedisHealth
+from queueservice_server.producer import Producer
+from queueservice_server.redis_client import async_client
+from queueservice_server.settings import Settings
+from queueservice_server.tasks import load_tasks
+
+log = logging.getLogger(__name__)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Recycle connections so clients rebalance across replicas.
+        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 60_000),
+    ]
+
+
+@dataclass
+class App:
+    """A built server and what it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    redis: redis.asyncio.Redis
+    health: RedisHealth
+    _health_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.health.check()
+        self._health_task = asyncio.create_task(self.health.run())
+
+    async def stop(self, grace: float) -> None:
+        await self.health.shutdown()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.server.stop(grace)
+        await self.redis.aclose()
+
+
+def create_server(settings: Settings, redis_url: str, address: str | None = None) -> App:
+    """Builds (does not start) the server on `address` (default: settings), returning it with its bound port."""
+    tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
+    client = async_client(settings, redis_url)
+    server = grpc.aio.server(options=server_options(settings))
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(
+        QueueServicer(Producer(settings, client), Validator(settings, tasks)), server
+    )
+    # The admin RPCs answer UNIMPLEMENTED until their issues land.
+    admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server(
+        admin_service_pb2_grpc.QueueAdminServiceServicer(), server
+    )
+    health = RedisHealth(client)
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    reflection.enable_server_reflection([*filter(None, SERVICE_NAMES), reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+    port = server.add_insecure_port(address or settings.grpc_address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_address}")
+    return App(server=server, port=port, redis=client, health=health)
+
+
+async def serve(settings: Settings, redis_url: str, on_ready: str = "") -> None:
+    app = create_server(settings, redis_url)
+    await app.start()
+    log.info("serving gRPC", extra={"address": settings.grpc_address, "port": app.port})
+    if on_ready:
+        print(on_ready.format(port=app.port), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping gRPC server", extra={"grace_s": settings.grpc_grace})
+    await app.stop(settings.grpc_grace)

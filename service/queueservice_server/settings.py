@@ -1,0 +1,151 @@
+"""One settings object, read from `QUEUE_*` environment variables.
+
+Every variable is listed, with its default, in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class SettingsError(ValueError):
+    """A `QUEUE_*` variable holds a value that cannot be used."""
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "dev"
+    redis_url: str = ""
+    grpc_address: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".queue-data")
+    task_modules: tuple[str, ...] = ()
+    diag_tasks: bool = True
+    queues: tuple[str, ...] = ("default",)
+    # None means: 3 in dev, 10 in prod.
+    worker_concurrency: int | None = None
+    # `serve` runs workers in-process only on the embedded Redis unless asked.
+    serve_workers: bool | None = None
+    poll_interval: float = 0.1
+    stall_interval: float = 30.0
+    max_payload_bytes: int = 1024 * 1024
+    max_batch_size: int = 1000
+    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    default_timeout: float = 300.0
+    default_max_attempts: int = 3
+    retry_backoff_base: float = 2.0
+    keep_completed: int = 50
+    keep_failed: int = 25
+    idempotency_window: float = 24 * 3600.0
+    shutdown_grace: float = 30.0
+    grpc_grace: float = 10.0
+    redis_pool_size: int = 50
+    redis_command_timeout: float = 5.0
+    redis_connect_timeout: float = 10.0
+    redis_keepalive: int = 30
+    redis_tls_insecure: bool = False
+    key_prefix: str = "qs"
+    log_level: str = "INFO"
+
+    @property
+    def concurrency(self) -> int:
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        return 10 if self.env == "prod" else 3
+
+    @property
+    def embedded_redis(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def run_workers_in_serve(self) -> bool:
+        return self.embedded_redis if self.serve_workers is None else self.serve_workers
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"QUEUE_{f.name.upper()}")
+            if raw is None:
+                continue
+            try:
+                values[f.name] = _PARSERS[f.name](raw)
+            except ValueError as exc:
+                raise SettingsError(f"QUEUE_{f.name.upper()}={raw!r}: {exc}") from exc
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.env not in {"dev", "prod"}:
+            raise SettingsError(f"QUEUE_ENV must be 'dev' or 'prod', got {self.env!r}")
+        if not self.queues:
+            raise SettingsError("QUEUE_QUEUES must name at least one queue")
+        for name in self.queues:
+            if not QUEUE_NAME_RE.match(name):
+                raise SettingsError(f"QUEUE_QUEUES: {name!r} is not a valid queue name ({QUEUE_NAME_RE.pattern})")
+        if self.concurrency < 1:
+            raise SettingsError("QUEUE_WORKER_CONCURRENCY must be at least 1")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError("QUEUE_REDIS_URL must start with redis://, rediss:// or unix://")
+
+
+def _optional_int(value: str) -> int | None:
+    return int(value) if value.strip() else None
+
+
+def _optional_bool(value: str) -> bool | None:
+    return _bool(value) if value.strip() else None
+
+
+_PARSERS: dict[str, Any] = {
+    "env": str.strip,
+    "redis_url": str.strip,
+    "grpc_address": str.strip,
+    "data_dir": Path,
+    "task_modules": _csv,
+    "diag_tasks": _bool,
+    "queues": _csv,
+    "worker_concurrency": _optional_int,
+    "serve_workers": _optional_bool,
+    "poll_interval": float,
+    "stall_interval": float,
+    "max_payload_bytes": int,
+    "max_batch_size": int,
+    "grpc_max_message_bytes": int,
+    "default_timeout": float,
+    "default_max_attempts": int,
+    "retry_backoff_base": float,
+    "keep_completed": int,
+    "keep_failed": int,
+    "idempotency_window": float,
+    "shutdown_grace": float,
+    "grpc_grace": float,
+    "redis_pool_size": int,
+    "redis_command_timeout": float,
+    "redis_connect_timeout": float,
+    "redis_keepalive": int,
+    "redis_tls_insecure": _bool,
+    "key_prefix": str.strip,
+    "log_level": str.strip,
+}
