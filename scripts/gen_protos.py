@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -57,7 +56,9 @@ def main() -> int:
         generate(fresh)
         want, have = generated_files(fresh), generated_files(OUT)
         stale = sorted(
-            str(p) for p in want | have if p not in want or p not in have or not filecmp.cmp(fresh / p, OUT / p, shallow=False)
+            str(p)
+            for p in want | have
+            if p not in want or p not in have or not filecmp.cmp(fresh / p, OUT / p, shallow=False)
         )
     if stale:
         print("generated code is stale; run `make protos`:", *stale, sep="\n  ", file=sys.stderr)

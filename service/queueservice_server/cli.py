@@ -43,7 +43,9 @@ def cmd_serve(settings: Settings) -> None:
         embedded.start()
         redis_url = embedded.url
     workers = _start_workers(settings, redis_url) if settings.run_workers_in_serve else None
-    where = f"embedded Redis at {redis_url}, data in {settings.data_dir.resolve()}" if embedded else f"Redis {redis_url}"
+    where = (
+        f"embedded Redis at {redis_url}, data in {settings.data_dir.resolve()}" if embedded else f"Redis {redis_url}"
+    )
     in_process = f", {settings.concurrency} in-process workers" if workers else ", no in-process workers"
     try:
         asyncio.run(

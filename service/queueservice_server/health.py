@@ -24,7 +24,8 @@ CHECK_INTERVAL_S = 1.0
 class RedisHealth:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self.client = client
-        self.servicer = health.aio.HealthServicer()
+        # grpc-stubs predates the aio health servicer.
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.serving: bool | None = None
 
     async def _set(self, serving: bool) -> None:

@@ -99,7 +99,7 @@ class Producer:
         if parts is None or parts[0] not in self.settings.queues:
             return None
         queue, local = parts
-        fields = await self.client.hgetall(self.keys(queue).job(local))
+        fields: dict[bytes, bytes] = await self.client.hgetall(self.keys(queue).job(local))  # type: ignore[assignment]
         if not fields:
             return None
         return JobRecord.from_hash(job_id, queue, fields)

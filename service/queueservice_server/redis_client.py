@@ -53,7 +53,9 @@ def client_options(settings: Settings, url: str) -> dict[str, Any]:
 
 
 def sync_client(settings: Settings, url: str) -> redis.Redis:
-    pool = redis.BlockingConnectionPool.from_url(url, timeout=settings.redis_command_timeout, **client_options(settings, url))
+    pool = redis.BlockingConnectionPool.from_url(
+        url, timeout=settings.redis_command_timeout, **client_options(settings, url)
+    )
     return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
 
 

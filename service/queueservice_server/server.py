@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
+from queueservice_server.api.interceptors import DecodeGuard
 from queueservice_server.api.queue_servicer import QueueServicer
 from queueservice_server.api.validation import Validator
 from queueservice_server.health import SERVICE_NAMES, RedisHealth
@@ -70,17 +71,20 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     """Builds (does not start) the server on `address` (default: settings), returning it with its bound port."""
     tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
     client = async_client(settings, redis_url)
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(options=server_options(settings), interceptors=[DecodeGuard()])
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(
         QueueServicer(Producer(settings, client), Validator(settings, tasks)), server
     )
     # The admin RPCs answer UNIMPLEMENTED until their issues land.
     admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server(
-        admin_service_pb2_grpc.QueueAdminServiceServicer(), server
+        admin_service_pb2_grpc.QueueAdminServiceServicer(),  # type: ignore[abstract]
+        server,
     )
     health = RedisHealth(client)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
-    reflection.enable_server_reflection([*filter(None, SERVICE_NAMES), reflection.SERVICE_NAME, "grpc.health.v1.Health"], server)
+    reflection.enable_server_reflection(
+        [*filter(None, SERVICE_NAMES), reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
+    )
     port = server.add_insecure_port(address or settings.grpc_address)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_address}")

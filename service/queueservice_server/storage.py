@@ -21,7 +21,7 @@ import redis
 from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
-from queueservice_server.codec import to_timestamp, decode_message
+from queueservice_server.codec import decode_message, to_timestamp
 from queueservice_server.jobs import State, split_job_id
 from queueservice_server.keys import QueueKeys
 from queueservice_server.redis_client import sync_client
@@ -89,7 +89,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
 
     # -- taking work -----------------------------------------------------
     def dequeue(self) -> bytes | None:
-        client, scripts = self._ensure()
+        _, scripts = self._ensure()
         lease_ms = int(self.settings.stall_interval * 1000)
         for keys in self.keys.values():
             taken = scripts.take(keys=[keys.waiting, keys.active], args=[1, lease_ms, self._worker_id, keys.job_prefix])
@@ -153,8 +153,9 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         return sum(int(self.conn.zcard(keys.delayed)) for keys in self.keys.values())
 
     def _messages(self, zset: str, keys: QueueKeys, limit: int | None) -> Iterator[bytes]:
-        for local in self.conn.zrange(zset, 0, (limit or 0) - 1):
-            msg = self.conn.hget(keys.job(local.decode()), "msg")
+        locals_: list[bytes] = self.conn.zrange(zset, 0, (limit or 0) - 1)  # type: ignore[assignment]
+        for local in locals_:
+            msg: bytes | None = self.conn.hget(keys.job(local.decode()), "msg")  # type: ignore[assignment]
             if msg is not None:
                 yield msg
 

@@ -54,7 +54,9 @@ def task(
         raise ValueError(f"invalid task name {name!r}: use dotted identifiers such as 'billing.send_invoice'")
     if max_attempts is not None and max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
-    policy = TaskPolicy(timeout=timeout, max_attempts=max_attempts, retry_delay=retry_delay, retry_backoff=retry_backoff)
+    policy = TaskPolicy(
+        timeout=timeout, max_attempts=max_attempts, retry_delay=retry_delay, retry_backoff=retry_backoff
+    )
 
     def decorate(func: F) -> F:
         setattr(func, _ATTR, TaskDef(name=name, func=func, policy=policy))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from queueservice.v1 import job_pb2
@@ -61,7 +63,7 @@ def job_to_proto(record: JobRecord) -> job_pb2.Job:
     return job
 
 
-def _struct(payload: dict[str, object]) -> struct_pb2.Struct:
+def _struct(payload: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(payload)
     return struct

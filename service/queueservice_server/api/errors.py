@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from queueservice_server.api.interceptors import MalformedRequest
+
 log = logging.getLogger(__name__)
 
 DOMAIN = "queueservice"
@@ -65,20 +67,28 @@ def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 
 R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler = Callable[[Any, Any, Context], Awaitable[R]]
+
+
+async def abort(context: Context, error: ApiError) -> None:
+    # grpc-stubs predates ServicerContext.abort_with_status.
+    await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
 
 
 def rpc(method: Handler[R]) -> Handler[R]:
     """Maps ApiError to its status, Redis outages to UNAVAILABLE, and anything else to INTERNAL."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
         try:
+            if isinstance(request, MalformedRequest):
+                raise invalid_argument([("request", f"the request body does not parse: {request.error}")])
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
         except ApiError as exc:
-            await context.abort_with_status(exc.to_status())
+            await abort(context, exc)
         except REDIS_DOWN as exc:
             log.warning("redis unavailable during %s: %s", method.__name__, exc)
             error = ApiError(
@@ -86,7 +96,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
                 "the queue's Redis is unreachable; retry with backoff",
                 [_error_info("REDIS_UNAVAILABLE")],
             )
-            await context.abort_with_status(error.to_status())
+            await abort(context, error)
         except Exception:
             ref = uuid.uuid4().hex[:12]
             log.exception("internal error in %s", method.__name__, extra={"error_ref": ref})
@@ -95,7 +105,7 @@ def rpc(method: Handler[R]) -> Handler[R]:
                 f"internal error (reference {ref} in the server log)",
                 [_error_info("INTERNAL", reference=ref)],
             )
-            await context.abort_with_status(error.to_status())
+            await abort(context, error)
         raise AssertionError("abort_with_status returned")
 
     return wrapper

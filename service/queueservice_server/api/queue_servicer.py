@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import grpc
-
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.api.convert import job_to_proto, timestamp_ms
-from queueservice_server.api.errors import invalid_argument, not_found, rpc
+from queueservice_server.api.errors import Context, invalid_argument, not_found, rpc
 from queueservice_server.api.validation import Validator
 from queueservice_server.producer import Enqueued, Producer
 
@@ -24,21 +22,21 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
 
     @rpc
     async def Enqueue(
-        self, request: queue_service_pb2.EnqueueRequest, context: grpc.aio.ServicerContext
+        self, request: queue_service_pb2.EnqueueRequest, context: Context
     ) -> queue_service_pb2.EnqueueResponse:
         (result,) = await self.producer.enqueue([self.validator.job(request)])
         return _response(result)
 
     @rpc
     async def EnqueueBatch(
-        self, request: queue_service_pb2.EnqueueBatchRequest, context: grpc.aio.ServicerContext
+        self, request: queue_service_pb2.EnqueueBatchRequest, context: Context
     ) -> queue_service_pb2.EnqueueBatchResponse:
         results = await self.producer.enqueue(self.validator.batch(request))
         return queue_service_pb2.EnqueueBatchResponse(results=[_response(r) for r in results])
 
     @rpc
     async def GetJob(
-        self, request: queue_service_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+        self, request: queue_service_pb2.GetJobRequest, context: Context
     ) -> queue_service_pb2.GetJobResponse:
         if not request.job_id:
             raise invalid_argument([("job_id", "required: a job id as returned by Enqueue")])

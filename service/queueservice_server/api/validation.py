@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 
 from queueservice.v1 import queue_service_pb2
 from queueservice_server.api.errors import invalid_argument, not_found, resource_exhausted
@@ -21,7 +20,7 @@ MAX_TIMEOUT_S = 24 * 3600
 DEFAULT_QUEUE = "default"
 
 
-def _seconds(duration: Any) -> float:
+def _seconds(duration: duration_pb2.Duration) -> float:
     return float(duration.seconds) + duration.nanos / 1e9
 
 
@@ -54,7 +53,9 @@ class Validator:
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
             violations.append((path + "idempotency_key", f"must be at most {MAX_IDEMPOTENCY_KEY} characters"))
         if request.HasField("max_attempts") and not 1 <= request.max_attempts <= MAX_ATTEMPTS:
-            violations.append((path + "max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, got {request.max_attempts}"))
+            violations.append(
+                (path + "max_attempts", f"must be between 1 and {MAX_ATTEMPTS}, got {request.max_attempts}")
+            )
         timeout = _seconds(request.timeout) if request.HasField("timeout") else None
         if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:
             violations.append((path + "timeout", f"must be positive and at most {MAX_TIMEOUT_S} s"))
@@ -100,7 +101,7 @@ class Validator:
             raise invalid_argument([("jobs", "required: at least one job")])
         if count > self.settings.max_batch_size:
             raise resource_exhausted(
-                "jobs", f"jobs: {count} jobs in one batch; the limit is {self.settings.max_batch_size} (split the batch)"
+                "jobs",
+                f"jobs: {count} jobs in one batch; the limit is {self.settings.max_batch_size} (split the batch)",
             )
         return [self.job(job, f"jobs[{i}].") for i, job in enumerate(request.jobs)]
-

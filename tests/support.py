@@ -1,0 +1,134 @@
+"""Real parts for tests: gRPC servers on port 0 in a background event loop, and
+worker processes started the way operators start them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from queueservice_server.server import App, create_server
+from queueservice_server.settings import Settings
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The QUEUE_* variables that reproduce `settings` in another process."""
+    env: dict[str, str] = {}
+    for f in fields(settings):
+        value: Any = getattr(settings, f.name)
+        if value is None:
+            text = ""
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(value)
+        else:
+            text = str(value)
+        env[f"QUEUE_{f.name.upper()}"] = text
+    return env
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    paths = [str(ROOT / "client"), str(ROOT / "service"), str(ROOT)]
+    base = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
+    return {**base, **settings_env(settings), "PYTHONPATH": os.pathsep.join(paths)}
+
+
+class ServerThread:
+    """A real grpc.aio server on 127.0.0.1:0, running in its own thread's event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.app: App | None = None
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> str:
+        self.thread.start()
+
+        async def build() -> App:
+            app = create_server(self.settings, self.settings.redis_url, "127.0.0.1:0")
+            await app.start()
+            return app
+
+        self.app = self.run(build())
+        return f"127.0.0.1:{self.app.port}"
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.run(self.app.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class WorkerProcess:
+    """`python -m queueservice_server worker` with the given settings."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "queueservice_server", "worker"],
+                env=process_env(self.settings),
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def kill_group(self) -> None:
+        """SIGKILL the consumer and every worker process it forked."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(self.settings.shutdown_grace + 10)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(check: Callable[[], T | None], timeout: float, interval: float = 0.02, what: str = "condition") -> T:
+    """Polls `check` until it returns something truthy; fails with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
