@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from queueservice_server.settings import Settings
 Stub = queue_service_pb2_grpc.QueueServiceStub
 
 
-def payload(**values: object) -> struct_pb2.Struct:
+def payload(**values: Any) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(values)
     return struct
@@ -238,7 +239,7 @@ def test_empty_job_id_is_invalid_argument(queue_stub: Stub) -> None:
 
 
 def test_garbage_bytes_get_a_clear_error_and_the_server_keeps_serving(channel: grpc.Channel, queue_stub: Stub) -> None:
-    raw = channel.unary_unary("/queueservice.v1.QueueService/Enqueue")
+    raw = channel.unary_unary("/queueservice.v1.QueueService/Enqueue", None, None)
     for garbage in [b"\xff\xff\xff\xff", b"\x0a\x05ab", bytes(range(256))]:
         error = rpc_error(lambda g=garbage: raw(g))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

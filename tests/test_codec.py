@@ -1,0 +1,72 @@
+"""The task message format: round trips, and garbage that never decodes into a task."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from huey.registry import Message
+from hypothesis import given
+from hypothesis import strategies as st
+
+from queueservice_server.codec import MessageDecodeError, MsgpackSerializer, decode_message, encode_message
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(payload=st.dictionaries(st.text(), json_values, max_size=5), retries=st.integers(0, 99))
+def test_round_trip_through_huey_serializer(payload: dict[str, Any], retries: int) -> None:
+    serializer = MsgpackSerializer()
+    message = Message(
+        id="default:" + "a" * 32,
+        name="diag.noop",
+        retries=retries,
+        retry_delay=2.0,
+        args=(payload,),
+        kwargs={},
+        timeout=300.0,
+        retry_backoff=2.0,
+    )
+    back = serializer.deserialize(serializer.serialize(message))
+    assert back.id == message.id
+    assert back.name == "diag.noop"
+    assert back.args == (payload,)
+    assert (back.retries, back.retry_delay, back.timeout, back.retry_backoff) == (retries, 2.0, 300.0, 2.0)
+    assert back.eta is None
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_decode_into_a_task(data: bytes) -> None:
+    try:
+        fields = decode_message(data)
+    except MessageDecodeError:
+        return
+    # Only a well-formed message of our format may decode.
+    assert isinstance(fields["id"], str) and isinstance(fields["payload"], dict)
+
+
+def test_pickle_is_rejected() -> None:
+    import pickle  # noqa: PLC0415 - only to prove it is refused
+
+    with pytest.raises(MessageDecodeError):
+        decode_message(pickle.dumps({"id": "x"}))
+
+
+def test_wrong_version_and_shape_are_rejected() -> None:
+    good = encode_message(job_id="q:1", task="t", payload={}, retries=0, retry_delay=0, retry_backoff=0, timeout=None)
+    assert decode_message(good)["task"] == "t"
+    for bad in ([2, "q:1", "t", {}, 0, 0, 0, None], [1, "q:1", "t", [], 0, 0, 0, None], {"id": "x"}):
+        with pytest.raises(MessageDecodeError):
+            decode_message(msgpack.packb(bad))
+
+
+def test_pipelines_are_refused_at_serialization() -> None:
+    serializer = MsgpackSerializer()
+    inner = Message(id="q:2", name="t", args=({},), kwargs={})
+    with pytest.raises(ValueError, match="pipelines"):
+        serializer.serialize(Message(id="q:1", name="t", args=({},), kwargs={}, on_complete=inner))
