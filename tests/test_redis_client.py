@@ -1,0 +1,40 @@
+"""The Redis client tuning of DESIGN.md "Defaults", as handed to redis-py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+
+from queueservice_server.embedded import free_port
+from queueservice_server.redis_client import client_options, sync_client
+from queueservice_server.settings import Settings
+
+
+def test_timeouts_keepalive_pool_and_health_checks() -> None:
+    options = client_options(Settings(), "redis://127.0.0.1:6379/0")
+    assert options["socket_timeout"] == 5
+    assert options["socket_connect_timeout"] == 10
+    assert options["health_check_interval"] == 30
+    assert options["socket_keepalive"] is True
+    assert options["max_connections"] == 50
+    assert "ssl_cert_reqs" not in options
+
+
+def test_tls_verifies_certificate_and_host_name_by_default() -> None:
+    options = client_options(Settings(), "rediss://cache.example:6380/0")
+    assert (options["ssl_cert_reqs"], options["ssl_check_hostname"]) == ("required", True)
+
+
+def test_turning_tls_checks_off_is_explicit_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        options = client_options(Settings(redis_tls_insecure=True), "rediss://cache.example:6380/0")
+    assert (options["ssl_cert_reqs"], options["ssl_check_hostname"]) == ("none", False)
+    assert "checks are OFF" in caplog.text
+
+
+def test_a_dead_redis_fails_at_once_without_retries() -> None:
+    client = sync_client(Settings(), f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
