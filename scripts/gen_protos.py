@@ -24,8 +24,12 @@ GENERATED = Path("queueservice") / "v1"
 def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / GENERATED).glob("*.proto"))
     wkt = Path(protoc.__file__).parent / "_proto"
+    # mypy-protobuf's plugins sit beside this interpreter, whether or not its bin/ is on PATH.
+    plugins = Path(sys.executable).parent
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTOS}",
         f"-I{wkt}",
         f"--python_out={out}",

@@ -157,6 +157,13 @@ def test_racing_enqueues_with_one_idempotency_key_create_one_job(queue_stub: Stu
         ),
         (queue_service_pb2.EnqueueRequest(task="diag.noop", idempotency_key="k" * 300), "idempotency_key", "256"),
         (queue_service_pb2.EnqueueRequest(task="diag.noop", queue="bad name!"), "queue", "not a queue name"),
+        (
+            queue_service_pb2.EnqueueRequest(
+                task="diag.noop", schedule_time=timestamp_pb2.Timestamp(seconds=253402300799)
+            ),
+            "schedule_time",
+            "at most",
+        ),
     ],
 )
 def test_malformed_enqueue_is_invalid_argument_naming_the_field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from google.protobuf import duration_pb2, json_format
@@ -67,6 +68,9 @@ class Validator:
             delay_ms = int(delay * 1000)
         elif request.HasField("schedule_time"):
             due_at_ms = request.schedule_time.ToMilliseconds()
+            # A time in the past runs now; one beyond the delay limit is a mistake.
+            if due_at_ms - time.time() * 1000 > MAX_DELAY_S * 1000:
+                violations.append((path + "schedule_time", f"must be at most {MAX_DELAY_S} s from now"))
         if violations:
             raise invalid_argument(violations)
         assert definition is not None
