@@ -38,3 +38,10 @@ def test_a_dead_redis_fails_at_once_without_retries() -> None:
     client = sync_client(Settings(), f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(redis.ConnectionError):
         client.ping()
+
+
+def test_a_broken_connection_is_retried_once_and_timeouts_never() -> None:
+    client = sync_client(Settings(), "redis://127.0.0.1:6379/0")
+    retry = client.connection_pool.connection_kwargs["retry"]
+    assert retry.get_retries() == 1
+    assert retry._supported_errors == (redis.ConnectionError,)

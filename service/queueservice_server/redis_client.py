@@ -3,8 +3,9 @@
 hiredis parses replies when installed (the `server` extra brings it); commands
 time out after 5 s, connections after 10 s; TCP keep-alive at 30 s; idle
 connections are health-checked before reuse; the pool is bounded; a dead
-Redis fails the call at once instead of queueing it (no retries, no offline
-buffer). `rediss://` verifies the certificate and the host name unless
+Redis fails the call at once instead of queueing it (no offline buffer). A
+connection that broke (say, Redis restarted) is retried once, at once, on a
+fresh connection; timeouts are never retried. `rediss://` verifies the certificate and the host name unless
 QUEUE_REDIS_TLS_INSECURE is set, which is logged.
 """
 
@@ -52,15 +53,25 @@ def client_options(settings: Settings, url: str) -> dict[str, Any]:
     return options
 
 
+# One immediate retry, on a broken connection only.
+_RETRY_ON = (redis.ConnectionError,)
+
+
 def sync_client(settings: Settings, url: str) -> redis.Redis:
     pool = redis.BlockingConnectionPool.from_url(
-        url, timeout=settings.redis_command_timeout, **client_options(settings, url)
+        url,
+        timeout=settings.redis_command_timeout,
+        retry=Retry(NoBackoff(), 1, supported_errors=_RETRY_ON),
+        **client_options(settings, url),
     )
-    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    return redis.Redis(connection_pool=pool)
 
 
 def async_client(settings: Settings, url: str) -> redis.asyncio.Redis:
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, timeout=settings.redis_command_timeout, **client_options(settings, url)
+        url,
+        timeout=settings.redis_command_timeout,
+        retry=redis.asyncio.retry.Retry(NoBackoff(), 1, supported_errors=_RETRY_ON),
+        **client_options(settings, url),
     )
-    return redis.asyncio.Redis(connection_pool=pool, retry=redis.asyncio.retry.Retry(NoBackoff(), 0))
+    return redis.asyncio.Redis(connection_pool=pool)
