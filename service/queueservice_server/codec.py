@@ -91,3 +91,35 @@ def decode_message(data: bytes) -> dict[str, Any]:
     if not isinstance(fields["payload"], dict):
         raise MessageDecodeError("task message payload is not a map")
     return fields
+
+
+def _reencode(fields: dict[str, Any], retries: int, retry_delay: float) -> bytes:
+    return encode_message(
+        job_id=fields["id"],
+        task=fields["task"],
+        payload=fields["payload"],
+        retries=retries,
+        retry_delay=retry_delay,
+        retry_backoff=fields["retry_backoff"],
+        timeout=fields["timeout"],
+    )
+
+
+def next_attempt(fields: dict[str, Any]) -> tuple[bytes, float] | None:
+    """The message and delay (s) of the next attempt after a failed one, or None when
+    the attempts are spent: the policy Huey applies to a task that raised, for
+    attempts that ended without Huey seeing them (a worker killed at its hard timeout)."""
+    retries: int = fields["retries"]
+    if retries <= 0:
+        return None
+    delay: float = fields["retry_delay"] or 0
+    backoff: float = fields["retry_backoff"] or 0
+    return _reencode(fields, retries - 1, delay * backoff if backoff else delay), delay
+
+
+def fresh_message(fields: dict[str, Any], max_attempts: int) -> bytes:
+    """The message a failed job starts over with: every attempt back, the first retry delay restored."""
+    backoff: float = fields["retry_backoff"] or 0
+    spent = max(0, max_attempts - 1 - fields["retries"])
+    delay: float = fields["retry_delay"] or 0
+    return _reencode(fields, max_attempts - 1, delay / backoff**spent if backoff else delay)

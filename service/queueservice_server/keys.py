@@ -47,8 +47,26 @@ class QueueKeys:
 
     @property
     def counters(self) -> str:
-        """HASH of running totals: sequence, evictions."""
+        """HASH of running totals: seq, evicted_completed, evicted_failed, stalled."""
         return f"{self.base}:counters"
+
+    @property
+    def limiter(self) -> str:
+        """ZSET of recent takes (member `local:attempt` -> take time, ms): the rate limit's sliding window."""
+        return f"{self.base}:limiter"
+
+    @property
+    def timings(self) -> str:
+        """STREAM of finished attempts (see `timings.py` for the fields), capped near QUEUE_TIMINGS_RETAINED."""
+        return f"{self.base}:timings"
+
+    @property
+    def minute_prefix(self) -> str:
+        """Prefix of the per-minute HASHes of attempt counts and timing histograms; the epoch minute follows."""
+        return f"{self.base}:minute:"
+
+    def minute(self, epoch_minute: int) -> str:
+        return f"{self.minute_prefix}{epoch_minute}"
 
     @property
     def job_prefix(self) -> str:
@@ -61,3 +79,19 @@ class QueueKeys:
     def idempotency(self, key: str) -> str:
         """STRING idempotency key -> job id, expiring with its window."""
         return f"{self.base}:idem:{key}"
+
+
+@dataclass(frozen=True)
+class ServiceKeys:
+    """Keys shared by every queue on one Redis (under one prefix)."""
+
+    prefix: str
+
+    @property
+    def workers(self) -> str:
+        """ZSET worker id -> last heartbeat (ms); an entry older than the stall interval is a dead worker."""
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """HASH of one worker: host, pid, concurrency, busy, rss_bytes, queues, started_at, heartbeat_at."""
+        return f"{self.prefix}:worker:{worker_id}"

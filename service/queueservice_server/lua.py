@@ -14,6 +14,33 @@ local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
 local function order(seq, priority)
   return string.format('%.0f', seq - priority * 1e12)
 end
+-- Puts job `id` (hash `key`) into waiting. With `seq` nil it joins the back of
+-- its priority band; with its original seq it goes back to where it stood.
+local function to_waiting(waiting, counters, key, id, seq)
+  if not seq then
+    seq = redis.call('HINCRBY', counters, 'seq', 1)
+    redis.call('HSET', key, 'seq', seq)
+  end
+  local priority = tonumber(redis.call('HGET', key, 'priority') or '0')
+  redis.call('HSET', key, 'state', 'WAITING', 'ready_at', now)
+  redis.call('ZADD', waiting, order(seq, priority), id)
+end
+-- Keeps the newest `keep` members of a finished set; older job records are
+-- deleted and counted under `field`, never silently gone.
+local function retain(set, keep, counters, field, prefix)
+  local excess = redis.call('ZCARD', set) - keep
+  if excess > 0 then
+    local old = redis.call('ZRANGE', set, 0, excess - 1)
+    for _, id in ipairs(old) do redis.call('DEL', prefix .. id) end
+    redis.call('ZREMRANGEBYRANK', set, 0, excess - 1)
+    redis.call('HINCRBY', counters, field, excess)
+  end
+end
+local function fail(key, id, failed, error, keep, counters, prefix)
+  redis.call('HSET', key, 'state', 'FAILED', 'finished_at', now, 'error', error)
+  redis.call('ZADD', failed, now, id)
+  retain(failed, keep, counters, 'evicted_failed', prefix)
+end
 """
 
 # Creates one job, or returns the existing one for a known idempotency key.
@@ -36,7 +63,7 @@ local priority = tonumber(ARGV[4])
 local due = tonumber(ARGV[6])
 if tonumber(ARGV[5]) > 0 then due = now + tonumber(ARGV[5]) end
 redis.call('HSET', KEYS[4], 'task', ARGV[3], 'msg', ARGV[2], 'priority', priority,
-  'max_attempts', ARGV[7], 'timeout_ms', ARGV[8], 'attempts', 0, 'enqueued_at', now, 'seq', seq)
+  'max_attempts', ARGV[7], 'timeout_ms', ARGV[8], 'attempts', 0, 'enqueued_at', now, 'ready_at', now, 'seq', seq)
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'idempotency_key', ARGV[10]) end
 if due > now then
   redis.call('HSET', KEYS[4], 'state', 'DELAYED', 'due_at', due)
@@ -53,73 +80,119 @@ return {ARGV[1], 0, now}
 )
 
 # Takes up to `count` waiting jobs, highest priority first, into the active set
-# under a lease, and returns their messages.
-# KEYS: waiting, active
-# ARGV: count, lease_ms, worker_id, job_prefix
+# under a lease. With a rate limit, takes only as many as the sliding window
+# has room for, and otherwise says how long until a token frees up: a worker
+# waits for a token, it never takes a job to put it back. A member with no
+# job record (written by hand) is failed with an error, not dropped.
+# KEYS: waiting, active, limiter, counters, failed
+# ARGV: count, lease_ms, worker_id, job_prefix, limit_max, limit_window_ms,
+#       limit_slack_ms, keep_failed
+# Returns {now, wait_ms, local_1, msg_1, ready_at_1, ..., local_n, msg_n, ready_at_n}.
 TAKE = (
     _NOW
     + """
-local ids = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #ids == 0 then return {} end
+local count = tonumber(ARGV[1])
+local limit = tonumber(ARGV[5])
+if limit > 0 then
+  local window = tonumber(ARGV[6])
+  -- A token frees a little after its window so that starts, which follow
+  -- takes by a few ms, never exceed the limit in any window either.
+  local span = window + tonumber(ARGV[7])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - span))
+  local used = redis.call('ZCARD', KEYS[3])
+  if used >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return {now, tonumber(oldest[2]) + span - now + 1}
+  end
+  count = math.min(count, limit - used)
+end
+local ids = redis.call('ZRANGE', KEYS[1], 0, count - 1)
+local out = {now, 0}
+if #ids == 0 then return out end
 redis.call('ZREM', KEYS[1], unpack(ids))
-local out = {}
 for _, id in ipairs(ids) do
   local key = ARGV[4] .. id
-  local msg = redis.call('HGET', key, 'msg')
-  if msg then
+  local job = redis.call('HMGET', key, 'msg', 'ready_at')
+  if job[1] then
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
-    redis.call('HINCRBY', key, 'attempts', 1)
+    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
     redis.call('HSET', key, 'state', 'ACTIVE', 'started_at', now, 'worker', ARGV[3])
     redis.call('HDEL', key, 'finished_at')
-    out[#out + 1] = msg
+    if limit > 0 then redis.call('ZADD', KEYS[3], now, id .. ':' .. attempt) end
+    out[#out + 1] = id
+    out[#out + 1] = job[1]
+    out[#out + 1] = job[2] or now
+  else
+    redis.call('HSET', key, 'task', '', 'enqueued_at', now, 'attempts', 0)
+    fail(key, id, KEYS[5], 'no job record: a member was written into the waiting set by hand',
+      tonumber(ARGV[8]), KEYS[4], ARGV[4])
   end
 end
 return out
 """
 )
 
-# Records an attempt's final outcome and applies retention to the finished set.
-# KEYS: job, active, finished set (completed or failed), counters
-# ARGV: local_id, state, error, keep, evicted_counter_field, job_prefix
-# Returns 1, or 0 when the job was no longer held (reaped or cancelled).
-FINISH = (
+# Records a batch of finished attempts (one queue): outcome and times on the
+# job record, the finished sets with retention, a retry's next move, one
+# timings stream entry per attempt, and the batch's per-minute figures.
+# An attempt whose job is no longer held (reaped meanwhile) changes no job.
+# KEYS: active, completed, failed, delayed, waiting, counters, timings
+# ARGV: job_prefix, minute_prefix, keep_completed, keep_failed, stream_maxlen,
+#       minute_ttl_s, worker_id, n, n x ATTEMPT_FIELDS (see timings.attempt_args),
+#       wait_max, proc_max, total_max, then HINCRBY field/amount pairs
+# Returns how many attempts were still held.
+SETTLE = (
     _NOW
     + """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', now, 'error', ARGV[3])
-redis.call('ZADD', KEYS[3], now, ARGV[1])
-local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-if excess > 0 then
-  local old = redis.call('ZRANGE', KEYS[3], 0, excess - 1)
-  for _, id in ipairs(old) do redis.call('DEL', ARGV[6] .. id) end
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, excess - 1)
-  redis.call('HINCRBY', KEYS[4], ARGV[5], excess)
+local prefix = ARGV[1]
+local n = tonumber(ARGV[8])
+local held = 0
+local i = 9
+for _ = 1, n do
+  local id, outcome, start, finish, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local msg, due, task, wait = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], tonumber(ARGV[i + 8])
+  i = i + 9
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    held = held + 1
+    local key = prefix .. id
+    redis.call('HSET', key, 'started_at', start, 'finished_at', finish, 'error', err)
+    if outcome == 'COMPLETED' then
+      redis.call('HSET', key, 'state', 'COMPLETED')
+      redis.call('ZADD', KEYS[2], finish, id)
+    elseif outcome == 'FAILED' then
+      redis.call('HSET', key, 'state', 'FAILED')
+      redis.call('ZADD', KEYS[3], finish, id)
+    else
+      redis.call('HSET', key, 'msg', msg)
+      if due > now then
+        redis.call('HSET', key, 'state', 'DELAYED', 'due_at', due)
+        redis.call('ZADD', KEYS[4], due, id)
+      else
+        to_waiting(KEYS[5], KEYS[6], key, id, nil)
+      end
+    end
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'job', id, 'task', task, 'outcome', outcome,
+      'attempt', redis.call('HGET', key, 'attempts') or '0', 'wait', wait, 'proc', finish - start,
+      'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
+  end
 end
-return 1
-"""
-)
-
-# Puts a job that failed an attempt back for another one: into the delayed set
-# until `due_at_ms`, or straight into waiting when that is not in the future.
-# KEYS: job, active, delayed, waiting, counters
-# ARGV: local_id, msg, due_at_ms, error
-# Returns 1, or 0 when the job was no longer held.
-RETRY = (
-    _NOW
-    + """
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-local due = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'msg', ARGV[2], 'error', ARGV[4])
-if due > now then
-  redis.call('HSET', KEYS[1], 'state', 'DELAYED', 'due_at', due)
-  redis.call('ZADD', KEYS[3], due, ARGV[1])
-else
-  local seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
-  local priority = tonumber(redis.call('HGET', KEYS[1], 'priority') or '0')
-  redis.call('HSET', KEYS[1], 'state', 'WAITING')
-  redis.call('ZADD', KEYS[4], order(seq, priority), ARGV[1])
+retain(KEYS[2], tonumber(ARGV[3]), KEYS[6], 'evicted_completed', prefix)
+retain(KEYS[3], tonumber(ARGV[4]), KEYS[6], 'evicted_failed', prefix)
+local minute = ARGV[2] .. math.floor(now / 60000)
+local names = {'wait_max', 'proc_max', 'total_max'}
+for k = 1, 3 do
+  local value = tonumber(ARGV[i + k - 1])
+  if value > tonumber(redis.call('HGET', minute, names[k]) or '-1') then
+    redis.call('HSET', minute, names[k], value)
+  end
 end
-return 1
+i = i + 3
+while i < #ARGV do
+  redis.call('HINCRBY', minute, ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+redis.call('EXPIRE', minute, ARGV[6])
+return held
 """
 )
 
@@ -132,13 +205,117 @@ PROMOTE = (
     + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
-  local key = ARGV[1] .. id
-  local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
-  local priority = tonumber(redis.call('HGET', key, 'priority') or '0')
   redis.call('ZREM', KEYS[1], id)
-  redis.call('HSET', key, 'state', 'WAITING')
-  redis.call('ZADD', KEYS[2], order(seq, priority), id)
+  to_waiting(KEYS[2], KEYS[3], ARGV[1] .. id, id, nil)
 end
 return #ids
+"""
+)
+
+# Extends the leases of jobs a live worker still holds (never re-adds one
+# that was acked or reaped meanwhile).
+# KEYS: active
+# ARGV: lease_ms, local ids...
+RENEW = (
+    _NOW
+    + """
+local until_ms = now + tonumber(ARGV[1])
+for k = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[k]) end
+return #ARGV - 1
+"""
+)
+
+# Returns jobs whose worker is gone: those given (a worker process that died),
+# or else every job whose lease has expired. Each counts a stall; a job that
+# stalls more than `max_stalls` times fails instead of looping. A returned job
+# goes back to where it stood in its priority band (its original seq).
+# KEYS: active, waiting, failed, counters
+# ARGV: job_prefix, max_stalls, keep_failed, reason, batch, local ids...
+# Returns {requeued, failed}.
+REAP = (
+    _NOW
+    + """
+local prefix = ARGV[1]
+local ids = {}
+if #ARGV > 5 then
+  for k = 6, #ARGV do
+    if redis.call('ZREM', KEYS[1], ARGV[k]) == 1 then ids[#ids + 1] = ARGV[k] end
+  end
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+  if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+end
+local requeued, failed = 0, 0
+for _, id in ipairs(ids) do
+  local key = prefix .. id
+  local stalls = redis.call('HINCRBY', key, 'stalls', 1)
+  redis.call('HINCRBY', KEYS[4], 'stalled', 1)
+  if stalls > tonumber(ARGV[2]) then
+    fail(key, id, KEYS[3], 'stalled ' .. stalls .. ' times (' .. ARGV[4] .. ')', tonumber(ARGV[3]), KEYS[4], prefix)
+    failed = failed + 1
+  else
+    to_waiting(KEYS[2], KEYS[4], key, id, redis.call('HGET', key, 'seq'))
+    requeued = requeued + 1
+  end
+end
+return {requeued, failed}
+"""
+)
+
+# Gives back jobs a worker took but never started (its prefetch buffer at
+# shutdown): to where they stood, with the take not counted as an attempt.
+# KEYS: active, waiting, counters
+# ARGV: job_prefix, local ids...
+# Returns how many went back.
+HAND_BACK = (
+    _NOW
+    + """
+local back = 0
+for k = 2, #ARGV do
+  local id = ARGV[k]
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    local key = ARGV[1] .. id
+    redis.call('HINCRBY', key, 'attempts', -1)
+    to_waiting(KEYS[2], KEYS[3], key, id, redis.call('HGET', key, 'seq'))
+    back = back + 1
+  end
+end
+return back
+"""
+)
+
+# Puts failed jobs back to waiting with a fresh message (fresh attempt count).
+# Only a job still in the failed set moves, so two concurrent calls move it once.
+# KEYS: failed, waiting, counters
+# ARGV: job_prefix, (local id, msg) pairs...
+# Returns the local ids that moved.
+RETRY_FAILED = (
+    _NOW
+    + """
+local moved = {}
+for k = 2, #ARGV, 2 do
+  local id = ARGV[k]
+  if redis.call('ZREM', KEYS[1], id) == 1 then
+    local key = ARGV[1] .. id
+    redis.call('HSET', key, 'msg', ARGV[k + 1], 'attempts', 0, 'stalls', 0, 'error', '')
+    redis.call('HDEL', key, 'started_at', 'finished_at', 'worker')
+    to_waiting(KEYS[2], KEYS[3], key, id, nil)
+    moved[#moved + 1] = id
+  end
+end
+return moved
+"""
+)
+
+# A worker's heartbeat: its entry in the registry, stamped on the Redis clock.
+# KEYS: workers, worker
+# ARGV: worker_id, ttl_s, field/value pairs...
+HEARTBEAT = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], 'heartbeat_at', now, unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return now
 """
 )

@@ -1,4 +1,4 @@
-"""The Lua scripts bound to one Redis client (sync or async), and the key arguments each takes."""
+"""The Lua scripts bound to one Redis client (sync or async)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from queueservice_server import lua
 class Scripts:
     enqueue: Any
     take: Any
-    finish: Any
-    retry: Any
+    settle: Any
     promote: Any
+    renew: Any
+    reap: Any
+    hand_back: Any
+    retry_failed: Any
+    heartbeat: Any
 
     @classmethod
     def bind(cls, client: Any) -> Scripts:
@@ -22,7 +26,11 @@ class Scripts:
         return cls(
             enqueue=client.register_script(lua.ENQUEUE),
             take=client.register_script(lua.TAKE),
-            finish=client.register_script(lua.FINISH),
-            retry=client.register_script(lua.RETRY),
+            settle=client.register_script(lua.SETTLE),
             promote=client.register_script(lua.PROMOTE),
+            renew=client.register_script(lua.RENEW),
+            reap=client.register_script(lua.REAP),
+            hand_back=client.register_script(lua.HAND_BACK),
+            retry_failed=client.register_script(lua.RETRY_FAILED),
+            heartbeat=client.register_script(lua.HEARTBEAT),
         )

@@ -56,6 +56,15 @@ class Settings:
     keep_completed: int = 50
     keep_failed: int = 25
     idempotency_window: float = 24 * 3600.0
+    max_stalls: int = 2
+    # Extra time a task gets past its timeout before its worker process is killed.
+    timeout_grace: float = 5.0
+    # Jobs a worker process takes per round trip at most; fewer when jobs run long.
+    prefetch: int = 32
+    rate_limit_max: int = 100
+    rate_limit_window: float = 60.0
+    timings_retained: int = 10000
+    metrics_history: float = 24 * 3600.0
     shutdown_grace: float = 30.0
     grpc_grace: float = 10.0
     redis_pool_size: int = 50
@@ -106,6 +115,12 @@ class Settings:
                 raise SettingsError(f"QUEUE_QUEUES: {name!r} is not a valid queue name ({QUEUE_NAME_RE.pattern})")
         if self.concurrency < 1:
             raise SettingsError("QUEUE_WORKER_CONCURRENCY must be at least 1")
+        if not 1 <= self.prefetch <= 256:
+            raise SettingsError("QUEUE_PREFETCH must be between 1 and 256")
+        if self.rate_limit_max < 0 or (self.rate_limit_max and self.rate_limit_window <= 0):
+            raise SettingsError("QUEUE_RATE_LIMIT_MAX must be >= 0 (0 = off) with QUEUE_RATE_LIMIT_WINDOW > 0")
+        if self.stall_interval <= 0 or self.max_stalls < 0:
+            raise SettingsError("QUEUE_STALL_INTERVAL must be > 0 and QUEUE_MAX_STALLS >= 0")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("QUEUE_REDIS_URL must start with redis://, rediss:// or unix://")
 
@@ -139,6 +154,13 @@ _PARSERS: dict[str, Any] = {
     "keep_completed": int,
     "keep_failed": int,
     "idempotency_window": float,
+    "max_stalls": int,
+    "timeout_grace": float,
+    "prefetch": int,
+    "rate_limit_max": int,
+    "rate_limit_window": float,
+    "timings_retained": int,
+    "metrics_history": float,
     "shutdown_grace": float,
     "grpc_grace": float,
     "redis_pool_size": int,

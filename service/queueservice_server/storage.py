@@ -1,10 +1,13 @@
-"""The Huey storage class: where Huey's consumer meets our Redis layout.
+"""The Huey storage class: where Huey's worker loop meets our Redis layout.
 
-Huey keeps its consumer, worker pool, task execution and retry policy; this
-class replaces its destructive BRPOP with a take into the queue's active set
-(under a lease), and turns Huey's "schedule" and "enqueue" calls for retries
-into moves of the same job record. The producer side never goes through here:
-the API writes jobs with the ENQUEUE script (see `producer.py`).
+Huey keeps its worker loop, task execution and retry policy. This class
+replaces its destructive BRPOP with a take of up to `prefetch` jobs into the
+queue's active set under a lease (Huey asks for one job at a time; the rest
+wait in a local buffer), and collects outcomes instead of writing each at
+once: they ride the pipeline of the next take, or are flushed after
+FLUSH_AFTER seconds, whichever comes first. A crashed worker process can
+therefore re-run up to `prefetch` jobs it took or ran but had not acked:
+delivery is at-least-once. The producer side never goes through here.
 """
 
 from __future__ import annotations
@@ -13,25 +16,32 @@ import datetime
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
-from queueservice_server.codec import decode_message, to_timestamp
-from queueservice_server.jobs import State, split_job_id
+from queueservice_server.codec import to_timestamp
 from queueservice_server.keys import QueueKeys
+from queueservice_server.lifecycle import Lifecycle
 from queueservice_server.redis_client import sync_client
-from queueservice_server.scripts import Scripts
 from queueservice_server.settings import Settings
+from queueservice_server.slots import Slot
+from queueservice_server.timings import Attempt, Outcome
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
-PROMOTE_BATCH = 1000
+# Acks wait at most this long for the next take to carry them.
+FLUSH_AFTER = 0.05
+# Takes size themselves so a buffer holds about this much work: many jobs when
+# they are quick, one when they are slow (a buffered job waits on the running one).
+BATCH_WINDOW = 0.005
 
 
 def format_error(exc: BaseException) -> str:
@@ -39,8 +49,25 @@ def format_error(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
+@dataclass
+class Taken:
+    """A job this process holds, with the clocks that turn its local times into Redis time."""
+
+    job_id: str
+    keys: QueueKeys
+    local_id: str
+    ready_ms: int
+    take_ms: int
+    take_mono: float
+    task: str = ""
+    start_mono: float = 0.0
+
+    def redis_ms(self, mono: float) -> int:
+        return self.take_ms + int((mono - self.take_mono) * 1000)
+
+
 class QueueStorage(BaseStorage):  # type: ignore[misc]
-    """Huey storage over the service's queues (several queues, taken in configured order)."""
+    """Huey storage over the service's queues (taken in configured order)."""
 
     blocking = False
     priority = True
@@ -49,127 +76,223 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         super().__init__(name, **kwargs)
         self.settings = settings
         self.redis_url = redis_url
-        self.keys = {queue: QueueKeys(settings.key_prefix, queue) for queue in settings.queues}
-        self._client: redis.Redis | None = None
-        self._scripts: Scripts | None = None
+        self._core: Lifecycle | None = None
         self._pid = 0
-        self._worker_id = ""
+        self.slot: Slot | None = None
+        self._buffer: deque[tuple[Taken, bytes]] = deque()
+        self._held: dict[str, Taken] = {}
+        self._pending: list[tuple[Taken, Attempt]] = []
+        self._pending_since = 0.0
+        self._not_before = 0.0
+        self._avg_run = BATCH_WINDOW
+        self.popped: Taken | None = None
         # Errors of attempts that Huey is about to retry, by job id: recorded with the retry move.
         self.pending_errors: dict[str, str] = {}
 
     # Connections are per process: Huey forks its workers after building the storage.
-    def _ensure(self) -> tuple[redis.Redis, Scripts]:
-        if self._client is None or self._pid != os.getpid():
+    @property
+    def core(self) -> Lifecycle:
+        if self._core is None or self._pid != os.getpid():
             self._pid = os.getpid()
-            self._client = sync_client(self.settings, self.redis_url)
-            self._scripts = Scripts.bind(self._client)
-            self._worker_id = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:6]}"
-        assert self._scripts is not None
-        return self._client, self._scripts
+            worker_id = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:6]}"
+            self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), worker_id)
+        return self._core
 
     @property
     def conn(self) -> redis.Redis:
-        return self._ensure()[0]
-
-    @property
-    def worker_id(self) -> str:
-        self._ensure()
-        return self._worker_id
+        return self.core.client
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        if self._core is not None:
+            self._core.client.close()
+        self._core = None
 
-    def _queue_of(self, job_id: str) -> tuple[QueueKeys, str]:
-        parts = split_job_id(job_id)
-        if parts is None or parts[0] not in self.keys:
-            raise ValueError(f"job id {job_id!r} names no configured queue")
-        return self.keys[parts[0]], parts[1]
+    def _publish_held(self) -> None:
+        if self.slot is not None:
+            self.slot.set_held(list(self._held))
 
     # -- taking work -----------------------------------------------------
     def dequeue(self) -> bytes | None:
-        _, scripts = self._ensure()
-        lease_ms = int(self.settings.stall_interval * 1000)
-        for keys in self.keys.values():
-            taken = scripts.take(keys=[keys.waiting, keys.active], args=[1, lease_ms, self._worker_id, keys.job_prefix])
-            if taken:
-                msg: bytes = taken[0]
-                return msg
-        return None
+        now = time.monotonic()
+        if not self._buffer:
+            if now >= self._not_before:
+                self._exchange()
+            elif self._pending:
+                self._flush()
+        elif self._pending and now - self._pending_since > FLUSH_AFTER:
+            self._flush()
+        if not self._buffer:
+            return None
+        self.popped, msg = self._buffer.popleft()
+        return msg
+
+    def _batch_size(self) -> int:
+        if self.settings.rate_limit_max:
+            return 1
+        return max(1, min(self.settings.prefetch, int(BATCH_WINDOW / self._avg_run)))
+
+    def _exchange(self) -> None:
+        """Flushes pending outcomes and takes more work, in one round trip per queue tried."""
+        core = self.core
+        count = self._batch_size()
+        settled = self._pending
+        self._pending = []
+        for index, keys in enumerate(core.keys.values()):
+            with core.client.pipeline(transaction=False) as pipe:
+                if index == 0:
+                    self._queue_settles(pipe, settled)
+                core.take(keys, count, pipe)
+                replies = pipe.execute()
+            mono = time.monotonic()
+            if index == 0:
+                self._settled(settled)
+            reply = replies[-1]
+            now_ms, wait_ms = int(reply[0]), int(reply[1])
+            if wait_ms:
+                self._not_before = mono + wait_ms / 1000
+                break
+            for i in range(2, len(reply), 3):
+                local = reply[i].decode()
+                taken = Taken(f"{keys.queue}:{local}", keys, local, int(reply[i + 2]), now_ms, mono)
+                self._held[taken.job_id] = taken
+                self._buffer.append((taken, reply[i + 1]))
+            if self._buffer:
+                break
+        if not settled and not self._buffer:
+            return
+        self._publish_held()
+
+    def _queue_settles(self, pipe: Any, settled: list[tuple[Taken, Attempt]]) -> None:
+        grouped: dict[QueueKeys, list[Attempt]] = {}
+        for taken, attempt in settled:
+            grouped.setdefault(taken.keys, []).append(attempt)
+        for keys, attempts in grouped.items():
+            self.core.settle(keys, attempts, pipe)
+
+    def _settled(self, settled: list[tuple[Taken, Attempt]]) -> None:
+        for taken, _ in settled:
+            self._held.pop(taken.job_id, None)
+
+    def _flush(self) -> None:
+        settled = self._pending
+        self._pending = []
+        with self.core.client.pipeline(transaction=False) as pipe:
+            self._queue_settles(pipe, settled)
+            pipe.execute()
+        self._settled(settled)
+        self._publish_held()
 
     def read_schedule(self, ts: datetime.datetime) -> list[bytes]:
         """Moves due jobs to waiting inside Redis; nothing comes back for Huey to enqueue."""
-        client, scripts = self._ensure()
-        with client.pipeline(transaction=False) as pipe:
-            for keys in self.keys.values():
-                scripts.promote(
-                    keys=[keys.delayed, keys.waiting, keys.counters], args=[keys.job_prefix, PROMOTE_BATCH], client=pipe
-                )
-            pipe.execute()
+        self.core.promote()
         return []
 
-    # -- outcomes --------------------------------------------------------
-    def finish(self, job_id: str, state: State, error: str = "") -> bool:
-        """Records a final outcome; False when the job was no longer held by us."""
-        _, scripts = self._ensure()
-        keys, local = self._queue_of(job_id)
-        if state is State.COMPLETED:
-            done, keep, counter = keys.completed, self.settings.keep_completed, "evicted_completed"
-        else:
-            done, keep, counter = keys.failed, self.settings.keep_failed, "evicted_failed"
-        held = scripts.finish(
-            keys=[keys.job(local), keys.active, done, keys.counters],
-            args=[local, state.value, error, keep, counter, keys.job_prefix],
-        )
-        return bool(held)
+    # -- one attempt -------------------------------------------------------
+    def started(self, job_id: str, task: str, timeout: float | None) -> None:
+        taken = self._held[job_id]
+        taken.task = task
+        taken.start_mono = time.monotonic()
+        if self.slot is not None:
+            limit = timeout or self.settings.default_timeout
+            self.slot.start(job_id, limit + self.settings.timeout_grace)
 
-    def _retry(self, data: bytes, due_ms: int) -> None:
-        _, scripts = self._ensure()
-        job_id = decode_message(data)["id"]
-        keys, local = self._queue_of(job_id)
-        error = self.pending_errors.pop(job_id, "")
-        held = scripts.retry(
-            keys=[keys.job(local), keys.active, keys.delayed, keys.waiting, keys.counters],
-            args=[local, data, due_ms, error],
+    def _finished(self, job_id: str, outcome: Outcome, error: str = "", retry: tuple[bytes, int] | None = None) -> None:
+        taken = self._held.get(job_id)
+        if taken is None:
+            log.warning("outcome of a job this worker does not hold was dropped", extra={"job_id": job_id})
+            return
+        mono = time.monotonic()
+        if self.slot is not None:
+            self.slot.stop()
+        start = taken.start_mono or mono
+        self._avg_run = 0.8 * self._avg_run + 0.2 * max(mono - start, 1e-6)
+        finish_ms = taken.redis_ms(mono)
+        msg, due_ms = retry or (b"", 0)
+        attempt = Attempt(
+            local_id=taken.local_id,
+            task=taken.task,
+            outcome=outcome,
+            ready_ms=taken.ready_ms,
+            start_ms=taken.redis_ms(start),
+            finish_ms=finish_ms,
+            error=error,
+            retry_msg=msg,
+            retry_due_ms=due_ms,
         )
-        if not held:
-            log.warning("retry of a job no longer held by this worker", extra={"job_id": job_id})
+        if not self._pending:
+            self._pending_since = mono
+        self._pending.append((taken, attempt))
+
+    def completed(self, job_id: str) -> None:
+        self._finished(job_id, Outcome.COMPLETED)
+
+    def failed(self, job_id: str, error: str) -> None:
+        self._finished(job_id, Outcome.FAILED, error)
+
+    def reject(self, error: str) -> None:
+        """The job just taken cannot run (undecodable message, unknown task): it fails at once."""
+        taken = self.popped
+        if taken is None:
+            return
+        log.error("job cannot run", extra={"job_id": taken.job_id, "error": error})
+        self._finished(taken.job_id, Outcome.FAILED, error)
+
+    def hand_back(self, job_id: str) -> None:
+        """An attempt interrupted by shutdown goes back at once, not counted."""
+        if self.slot is not None:
+            self.slot.stop()
+        self.core.hand_back([job_id])
+        self._held.pop(job_id, None)
+        self._publish_held()
+
+    def shut_down(self) -> None:
+        """Graceful stop: acks what finished, gives back what never started."""
+        try:
+            if self._pending:
+                self._flush()
+            unstarted = [taken.job_id for taken, _ in self._buffer]
+            self._buffer.clear()
+            if unstarted:
+                self.core.hand_back(unstarted)
+            for job_id in unstarted:
+                self._held.pop(job_id, None)
+        finally:
+            self._publish_held()
+
+    def _retry(self, data: bytes, delay: float) -> None:
+        if self.popped is None:
+            raise RuntimeError("a retry with no job taken")
+        job_id = self.popped.job_id
+        taken = self._held.get(job_id)
+        due_ms = taken.redis_ms(time.monotonic()) + int(delay * 1000) if taken else 0
+        self._finished(job_id, Outcome.RETRY, self.pending_errors.pop(job_id, ""), (data, max(due_ms, 1)))
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey re-enqueues a retry with no delay through here."""
         self._retry(data, 0)
 
     def add_to_schedule(self, data: bytes, ts: datetime.datetime) -> None:
-        """Huey schedules a retry with backoff through here."""
-        due = to_timestamp(ts)
-        self._retry(data, int((due or 0) * 1000))
+        """Huey schedules a retry with backoff through here (`ts` on this host's clock)."""
+        self._retry(data, max(0.0, (to_timestamp(ts) or 0) - time.time()))
 
     # -- sizes and listings (Huey's introspection API) -------------------
     def queue_size(self) -> int:
-        return sum(int(self.conn.zcard(keys.waiting)) for keys in self.keys.values())
+        return sum(int(self.conn.zcard(keys.waiting)) for keys in self.core.keys.values())
 
     def schedule_size(self) -> int:
-        return sum(int(self.conn.zcard(keys.delayed)) for keys in self.keys.values())
-
-    def _messages(self, zset: str, keys: QueueKeys, limit: int | None) -> Iterator[bytes]:
-        locals_: list[bytes] = self.conn.zrange(zset, 0, (limit or 0) - 1)  # type: ignore[assignment]
-        for local in locals_:
-            msg: bytes | None = self.conn.hget(keys.job(local.decode()), "msg")  # type: ignore[assignment]
-            if msg is not None:
-                yield msg
+        return sum(int(self.conn.zcard(keys.delayed)) for keys in self.core.keys.values())
 
     def enqueued_items(self, limit: int | None = None) -> list[bytes]:
-        return [m for keys in self.keys.values() for m in self._messages(keys.waiting, keys, limit)]
+        raise NotImplementedError("list jobs through the gRPC API")
 
     def scheduled_items(self, limit: int | None = None) -> list[bytes]:
-        return [m for keys in self.keys.values() for m in self._messages(keys.delayed, keys, limit)]
+        raise NotImplementedError("list jobs through the gRPC API")
 
     def flush_queue(self) -> None:
-        self.conn.delete(*(keys.waiting for keys in self.keys.values()))
+        raise NotImplementedError("jobs are never dropped in bulk")
 
     def flush_schedule(self) -> None:
-        self.conn.delete(*(keys.delayed for keys in self.keys.values()))
+        raise NotImplementedError("jobs are never dropped in bulk")
 
     # -- Huey's key/value store: results are off and tasks are never revoked through Huey,
     # so revoke checks and result writes must not cost round trips.

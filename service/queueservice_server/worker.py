@@ -1,26 +1,29 @@
 """Worker processes: Huey's consumer on our storage, serializer and outcome hooks.
 
 `queue-service worker` runs one consumer: a parent process that supervises
-`concurrency` forked worker processes and Huey's scheduler process (which
-promotes due delayed jobs). One process per slot is what lets a time limit
-be enforced on any task.
+`concurrency` forked worker processes (and Huey's scheduler process, which
+promotes due delayed jobs). One process per slot is what lets a time limit be
+enforced on any task: the parent kills a process whose task runs past its
+timeout plus QUEUE_TIMEOUT_GRACE.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any
 
 from huey import Huey
 from huey import signals as huey_signals
-from huey.consumer import Consumer, ProcessEnvironment
+from huey.consumer import Consumer, ProcessEnvironment, Worker
 from huey.registry import Registry
 
 from queueservice_server.codec import MsgpackSerializer
-from queueservice_server.jobs import State
 from queueservice_server.settings import Settings
+from queueservice_server.slots import Slot
 from queueservice_server.storage import QueueStorage, format_error
+from queueservice_server.supervisor import Supervisor
 from queueservice_server.tasks import TaskDef, load_tasks
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class QueueHuey(Huey):  # type: ignore[misc]
         self._registry = PublicNameRegistry()
         for definition in tasks.values():
             self.task(name=definition.name)(definition.func)
+        self.pre_execute("record-start")(self._record_start)
         self.post_execute("record-outcome")(self._record_outcome)
         self.signal(huey_signals.SIGNAL_INTERRUPTED)(self._hand_back)
 
@@ -55,22 +59,57 @@ class QueueHuey(Huey):  # type: ignore[misc]
         storage: QueueStorage = self.storage
         return storage
 
+    def dequeue(self) -> Any:
+        """Huey's dequeue, except that a job that cannot run fails with the reason and the loop goes on."""
+        storage = self.queue_storage
+        while True:
+            data = storage.dequeue()
+            if data is None:
+                return None
+            try:
+                task = self.deserialize_task(data)
+            except Exception as exc:
+                storage.reject(f"cannot run this job: {format_error(exc)}")
+                continue
+            popped = storage.popped
+            if popped is not None and task.id != popped.job_id:
+                storage.reject(f"cannot run this job: its message names job {task.id!r}")
+                continue
+            return task
+
+    def _record_start(self, task: Any) -> None:
+        self.queue_storage.started(task.id, task.name, task.timeout)
+
     def _record_outcome(self, task: Any, value: Any, exc: BaseException | None) -> None:
         storage = self.queue_storage
         if exc is None:
-            held = storage.finish(task.id, State.COMPLETED)
+            storage.completed(task.id)
         elif task.retries:
             # Huey moves the job for its next attempt right after this hook.
             storage.pending_errors[task.id] = format_error(exc)
-            return
         else:
-            held = storage.finish(task.id, State.FAILED, format_error(exc))
-        if not held:
-            log.warning("outcome of a job no longer held by this worker was dropped", extra={"job_id": task.id})
+            storage.failed(task.id, format_error(exc))
 
     def _hand_back(self, signal_name: str, task: Any) -> None:
         """An interrupted attempt goes back to waiting at once, for another worker."""
-        self.queue_storage.enqueue(self.serialize_task(task))
+        self.queue_storage.hand_back(task.id)
+
+
+class QueueWorker(Worker):  # type: ignore[misc]
+    """Huey's worker loop, bound to its shared slot; on the way out it acks what
+    finished and gives back what it took but never started."""
+
+    def __init__(self, slot: Slot, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.slot = slot
+
+    def initialize(self) -> None:
+        self.huey.queue_storage.slot = self.slot
+        super().initialize()
+
+    def shutdown(self) -> None:
+        self.huey.queue_storage.shut_down()
+        super().shutdown()
 
 
 class _Environment(ProcessEnvironment):  # type: ignore[misc]
@@ -87,9 +126,14 @@ class _Environment(ProcessEnvironment):  # type: ignore[misc]
 
 class QueueConsumer(Consumer):  # type: ignore[misc]
     """SIGTERM and SIGINT both stop gracefully: take nothing new, finish what runs
-    (up to the shutdown grace), then interrupt and hand back the rest."""
+    (up to the shutdown grace), then interrupt and hand back the rest. The parent
+    also runs the supervisor: leases, reaper, hard timeouts, registry."""
 
-    def __init__(self, huey: QueueHuey, settings: Settings) -> None:
+    scheduler: Any
+
+    def __init__(self, huey: QueueHuey, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.slots: list[Slot] = []
         super().__init__(
             huey,
             workers=settings.concurrency,
@@ -104,9 +148,68 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
             graceful_signal="TERM",
         )
         self._signal_actions = {signal.SIGTERM: (False, True), signal.SIGINT: (False, True)}
+        self.supervisor = Supervisor(settings, redis_url, self.slots)
 
     def get_environment(self, worker_type: str) -> ProcessEnvironment:
         return _Environment()
+
+    def _worker_on(self, slot: Slot) -> QueueWorker:
+        return QueueWorker(
+            slot,
+            huey=self.huey,
+            stop_flag=self.stop_flag,
+            default_delay=self.default_delay,
+            max_delay=self.max_delay,
+            backoff=self.backoff,
+            max_tasks=self.max_tasks,
+        )
+
+    def _create_worker(self) -> QueueWorker:
+        # Huey calls this once per worker while constructing; each gets a slot of its own.
+        slot = Slot(self.environment.mp, capacity=2 * self.settings.prefetch + 2)
+        self.slots.append(slot)
+        return self._worker_on(slot)
+
+    def _pids(self) -> list[int]:
+        return [process.pid for _, process in self.worker_threads if process.pid]
+
+    def loop(self, health_check_ts: float | None = None) -> float | None:
+        health_check_ts = super().loop(health_check_ts)
+        for worker, process in self.worker_threads:
+            running = self.supervisor.overdue(worker.slot)
+            if running is not None and process.is_alive():
+                log.error("killing a worker process past its hard timeout", extra={"job_id": running.job_id})
+                os.kill(process.pid, signal.SIGKILL)
+                process.join(5)
+                self.supervisor.timed_out(worker.slot, running)
+        self.supervisor.tick(self._pids())
+        return health_check_ts
+
+    def check_worker_health(self) -> bool:
+        """Huey's check, except that a dead process's jobs are handed back first and its
+        replacement takes over its slot."""
+        for index, (worker, process) in enumerate(self.worker_threads):
+            if self.environment.is_alive(process):
+                continue
+            log.warning("worker process died, restarting", extra={"exitcode": process.exitcode})
+            try:
+                self.supervisor.process_died(worker.slot)
+            except Exception:
+                log.exception("could not hand back a dead process's jobs; the reaper will return them")
+            replacement = self._worker_on(worker.slot)
+            new_process = self._create_process(replacement, f"Worker-{index + 1}")
+            new_process.start()
+            self.worker_threads[index] = (replacement, new_process)
+        if not self.environment.is_alive(self.scheduler):
+            self.scheduler = self._create_process(self._create_scheduler(), "Scheduler")
+            self.scheduler.start()
+        return True
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.supervisor.stopped()
 
 
 def run_worker(settings: Settings, redis_url: str) -> None:
@@ -116,4 +219,4 @@ def run_worker(settings: Settings, redis_url: str) -> None:
         "worker starting",
         extra={"queues": list(settings.queues), "concurrency": settings.concurrency, "tasks": sorted(tasks)},
     )
-    QueueConsumer(huey, settings).run()
+    QueueConsumer(huey, settings, redis_url).run()

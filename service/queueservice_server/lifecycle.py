@@ -1,0 +1,141 @@
+"""The queue core on the worker side: every move of a job between sets, as sync
+calls of the Lua scripts, shared by worker processes and their supervisor.
+
+Calls take an optional pipeline so a worker can ride its acks and its next
+take on one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from queueservice_server.jobs import split_job_id
+from queueservice_server.keys import QueueKeys
+from queueservice_server.scripts import Scripts
+from queueservice_server.settings import Settings
+from queueservice_server.timings import Attempt, attempt_args, minute_increments
+
+PROMOTE_BATCH = 1000
+REAP_BATCH = 1000
+# A rate-limit token frees this long after its window (see lua.TAKE).
+LIMIT_SLACK_MS = 250
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, client: redis.Redis, worker_id: str) -> None:
+        self.settings = settings
+        self.client = client
+        self.worker_id = worker_id
+        self.scripts = Scripts.bind(client)
+        self.keys = {queue: QueueKeys(settings.key_prefix, queue) for queue in settings.queues}
+
+    def locate(self, job_id: str) -> tuple[QueueKeys, str]:
+        parts = split_job_id(job_id)
+        if parts is None or parts[0] not in self.keys:
+            raise ValueError(f"job id {job_id!r} names no configured queue")
+        return self.keys[parts[0]], parts[1]
+
+    def by_queue(self, job_ids: Iterable[str]) -> dict[QueueKeys, list[str]]:
+        grouped: dict[QueueKeys, list[str]] = {}
+        for job_id in job_ids:
+            keys, local = self.locate(job_id)
+            grouped.setdefault(keys, []).append(local)
+        return grouped
+
+    @property
+    def lease_ms(self) -> int:
+        """Leases are renewed every quarter stall interval and reaped as often, so a
+        dead worker's job is back within 3/4 + 1/4 of the interval."""
+        return int(self.settings.stall_interval * 750)
+
+    def take(self, keys: QueueKeys, count: int, pipe: Any = None) -> Any:
+        """Queues TAKE on `pipe` (or runs it): see lua.TAKE for the reply."""
+        limit = self.settings.rate_limit_max
+        return self.scripts.take(
+            keys=[keys.waiting, keys.active, keys.limiter, keys.counters, keys.failed],
+            args=[
+                count,
+                self.lease_ms,
+                self.worker_id,
+                keys.job_prefix,
+                limit,
+                int(self.settings.rate_limit_window * 1000),
+                LIMIT_SLACK_MS,
+                self.settings.keep_failed,
+            ],
+            client=pipe or self.client,
+        )
+
+    def settle(self, keys: QueueKeys, attempts: list[Attempt], pipe: Any = None) -> Any:
+        """Queues SETTLE for attempts of one queue on `pipe` (or runs it)."""
+        args: list[Any] = [
+            keys.job_prefix,
+            keys.minute_prefix,
+            self.settings.keep_completed,
+            self.settings.keep_failed,
+            self.settings.timings_retained,
+            int(self.settings.metrics_history) + 120,
+            self.worker_id,
+            len(attempts),
+        ]
+        for attempt in attempts:
+            args += attempt_args(attempt)
+        increments, maxima = minute_increments(attempts)
+        args += maxima + increments
+        return self.scripts.settle(
+            keys=[
+                keys.active,
+                keys.completed,
+                keys.failed,
+                keys.delayed,
+                keys.waiting,
+                keys.counters,
+                keys.timings,
+            ],
+            args=args,
+            client=pipe or self.client,
+        )
+
+    def hand_back(self, job_ids: Iterable[str]) -> int:
+        """Jobs taken but never started go back to where they stood."""
+        back = 0
+        for keys, locals_ in self.by_queue(job_ids).items():
+            back += int(
+                self.scripts.hand_back(
+                    keys=[keys.active, keys.waiting, keys.counters], args=[keys.job_prefix, *locals_]
+                )
+            )
+        return back
+
+    def reap(self, keys: QueueKeys, reason: str, locals_: Iterable[str] = ()) -> tuple[int, int]:
+        """(requeued, failed) of the given jobs, or of every job whose lease expired."""
+        requeued, failed = self.scripts.reap(
+            keys=[keys.active, keys.waiting, keys.failed, keys.counters],
+            args=[keys.job_prefix, self.settings.max_stalls, self.settings.keep_failed, reason, REAP_BATCH, *locals_],
+        )
+        return int(requeued), int(failed)
+
+    def renew(self, job_ids: Iterable[str]) -> None:
+        grouped = self.by_queue(job_ids)
+        if not grouped:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for keys, locals_ in grouped.items():
+                self.scripts.renew(keys=[keys.active], args=[self.lease_ms, *locals_], client=pipe)
+            pipe.execute()
+
+    def promote(self) -> None:
+        """Moves every due delayed job to waiting (atomically per queue)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for keys in self.keys.values():
+                self.scripts.promote(
+                    keys=[keys.delayed, keys.waiting, keys.counters], args=[keys.job_prefix, PROMOTE_BATCH], client=pipe
+                )
+            pipe.execute()
+
+    def now_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000

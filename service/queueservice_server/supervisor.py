@@ -1,0 +1,168 @@
+"""The consumer parent's duties towards Redis: leases, the reaper, hard
+timeouts, dead worker processes, and the worker registry.
+
+It runs in the parent, not in the worker processes, so that a task that holds
+the GIL in C code (or a worker that died) cannot stop leases from being
+renewed or a timeout from being enforced. Every consumer on a Redis runs the
+reaper; the Lua step is atomic, so they never return a job twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+
+from queueservice_server.codec import MessageDecodeError, decode_message, next_attempt
+from queueservice_server.keys import ServiceKeys
+from queueservice_server.lifecycle import Lifecycle
+from queueservice_server.redis_client import sync_client
+from queueservice_server.settings import Settings
+from queueservice_server.slots import Running, Slot
+from queueservice_server.timings import Attempt, Outcome
+
+log = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * _PAGE
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, redis_url: str, slots: Sequence[Slot]) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.slots = slots
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.service_keys = ServiceKeys(settings.key_prefix)
+        self.started_at = int(time.time() * 1000)
+        self.period = settings.stall_interval / 4
+        self._next_beat = 0.0
+        self._core: Lifecycle | None = None
+
+    @property
+    def core(self) -> Lifecycle:
+        # Created on first use, after the worker processes were forked.
+        if self._core is None:
+            self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), self.worker_id)
+        return self._core
+
+    def tick(self, pids: Sequence[int]) -> None:
+        """Called often by the consumer loop; does Redis work once per period."""
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.period
+        try:
+            self.core.renew(job_id for slot in self.slots for job_id in slot.held())
+            for keys in self.core.keys.values():
+                requeued, failed = self.core.reap(keys, "its worker stopped renewing the lease")
+                if requeued or failed:
+                    log.warning(
+                        "reaped stalled jobs", extra={"queue": keys.queue, "requeued": requeued, "failed": failed}
+                    )
+            self._heartbeat(pids)
+        except Exception:
+            # Redis may be down for a while: the next period tries again.
+            log.exception("supervisor round failed")
+
+    def overdue(self, slot: Slot) -> Running | None:
+        running = slot.running()
+        if running is not None and time.monotonic() > running.hard_deadline:
+            return running
+        return None
+
+    def timed_out(self, slot: Slot, running: Running) -> None:
+        """Its process was killed at the hard deadline: the attempt is recorded as timed out
+        and retried by the job's policy; the process's other jobs go back."""
+        self._record_timeout(running.job_id)
+        self._release(slot, exclude=running.job_id)
+
+    def process_died(self, slot: Slot) -> None:
+        """A worker process exited unexpectedly: its running job counts a stall, the rest go back."""
+        running = slot.running()
+        if running is not None:
+            keys, local = self.core.locate(running.job_id)
+            self.core.reap(keys, "its worker process died", [local])
+        self._release(slot, exclude=running.job_id if running else "")
+
+    def _release(self, slot: Slot, exclude: str) -> None:
+        others = [job_id for job_id in slot.held() if job_id != exclude]
+        if others:
+            self.core.hand_back(others)
+        slot.clear()
+
+    def _record_timeout(self, job_id: str) -> None:
+        keys, local = self.core.locate(job_id)
+        fields: dict[bytes, bytes] = self.core.client.hgetall(keys.job(local))  # type: ignore[assignment]
+        if not fields:
+            return
+        limit = int(fields.get(b"timeout_ms", b"0")) / 1000 or self.settings.default_timeout
+        grace = self.settings.timeout_grace
+        error = f"TaskTimeout: killed after running past its timeout of {limit:g}s plus {grace:g}s grace"
+        now_ms = self.core.now_ms()
+        try:
+            following = next_attempt(decode_message(fields[b"msg"]))
+        except (MessageDecodeError, KeyError):
+            following = None
+        retry = None if following is None else (following[0], now_ms + int(following[1] * 1000))
+        attempt = Attempt(
+            local_id=local,
+            task=fields.get(b"task", b"").decode(),
+            outcome=Outcome.FAILED if retry is None else Outcome.RETRY,
+            ready_ms=int(fields.get(b"ready_at", b"0")),
+            start_ms=int(fields.get(b"started_at", str(now_ms).encode())),
+            finish_ms=now_ms,
+            error=error,
+            retry_msg=retry[0] if retry else b"",
+            retry_due_ms=max(retry[1], 1) if retry else 0,
+        )
+        self.core.settle(keys, [attempt])
+        log.error("job killed at its hard timeout", extra={"job_id": job_id, "error": error})
+
+    def _heartbeat(self, pids: Sequence[int]) -> None:
+        keys = self.service_keys
+        busy = sum(1 for slot in self.slots if slot.running() is not None)
+        self.core.scripts.heartbeat(
+            keys=[keys.workers, keys.worker(self.worker_id)],
+            args=[
+                self.worker_id,
+                max(3, int(self.settings.stall_interval * 3)),
+                "host",
+                socket.gethostname(),
+                "pid",
+                os.getpid(),
+                "concurrency",
+                len(self.slots),
+                "busy",
+                busy,
+                "rss_bytes",
+                resident_bytes([os.getpid(), *pids]),
+                "queues",
+                ",".join(self.settings.queues),
+                "started_at",
+                self.started_at,
+            ],
+        )
+
+    def stopped(self) -> None:
+        """After the worker processes are gone: anything still held goes back; the registry forgets us."""
+        try:
+            for slot in self.slots:
+                self._release(slot, exclude="")
+            keys = self.service_keys
+            self.core.client.zrem(keys.workers, self.worker_id)
+            self.core.client.delete(keys.worker(self.worker_id))
+        except Exception:
+            log.exception("could not hand back held jobs at shutdown; the reaper will return them")

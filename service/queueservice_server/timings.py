@@ -1,0 +1,118 @@
+"""What a finished attempt records: its outcome, its timings, and the per-minute
+figures that monitoring reads back.
+
+Every time is a Redis-clock millisecond. A worker learns the Redis clock from
+the take that handed it the job and adds its own monotonic offsets, so hosts
+agree without sharing a clock.
+
+Per queue and epoch minute, one HASH (`QueueKeys.minute`) holds:
+  n, completed, failed, retried        attempts finished in that minute
+  wait_sum, proc_sum, total_sum        sums in ms (means = sum / n)
+  wait_max, proc_max, total_max        maxima in ms
+  w:<b>, p:<b>, t:<b>                  histogram counts of wait / processing / total by bucket b
+so a window of any length costs one HASH per minute, however many jobs pass.
+Buckets grow by BUCKET_RATIO, so a percentile read from them is within
+(BUCKET_RATIO - 1) of the true value.
+
+The timings STREAM (`QueueKeys.timings`) holds one entry per finished attempt
+with the fields job, task, outcome, attempt, wait, proc, start, finish, worker, error.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+BUCKET_RATIO = 1.25
+_LOG_RATIO = math.log(BUCKET_RATIO)
+STREAM_ERROR_CHARS = 500
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    # The attempt failed and the job goes back for another one.
+    RETRY = "RETRY"
+
+
+def bucket(ms: float) -> int:
+    """Bucket 0 holds [0, 1) ms; bucket b >= 1 holds [RATIO^(b-1), RATIO^b)."""
+    if ms < 1:
+        return 0
+    return int(math.log(ms) / _LOG_RATIO) + 1
+
+
+def bucket_upper_ms(index: int) -> float:
+    """The upper bound of a bucket: what a percentile that falls in it reports."""
+    return float(BUCKET_RATIO**index)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One finished attempt, as the worker reports it."""
+
+    local_id: str
+    task: str
+    outcome: Outcome
+    ready_ms: int
+    start_ms: int
+    finish_ms: int
+    error: str = ""
+    # For RETRY: the message for the next attempt and when it is due (ms, Redis clock).
+    retry_msg: bytes = b""
+    retry_due_ms: int = 0
+
+    @property
+    def wait_ms(self) -> int:
+        return max(0, self.start_ms - self.ready_ms)
+
+    @property
+    def proc_ms(self) -> int:
+        return max(0, self.finish_ms - self.start_ms)
+
+
+ATTEMPT_FIELDS = 9
+
+
+def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
+    """The SETTLE script's ARGV slice for one attempt (ATTEMPT_FIELDS items)."""
+    return [
+        attempt.local_id,
+        attempt.outcome.value,
+        attempt.start_ms,
+        attempt.finish_ms,
+        attempt.error,
+        attempt.retry_msg,
+        attempt.retry_due_ms,
+        attempt.task,
+        attempt.wait_ms,
+    ]
+
+
+_OUTCOME_FIELD = {Outcome.COMPLETED: "completed", Outcome.FAILED: "failed", Outcome.RETRY: "retried"}
+
+
+def minute_increments(attempts: Iterable[Attempt]) -> tuple[list[str | int], list[int]]:
+    """Aggregates a batch into (HINCRBY field/amount pairs, [wait_max, proc_max, total_max]),
+    so one flush costs a few hash writes rather than a dozen per job."""
+    counts: Counter[str] = Counter()
+    maxima = [0, 0, 0]
+    for attempt in attempts:
+        wait, proc = attempt.wait_ms, attempt.proc_ms
+        total = wait + proc
+        counts["n"] += 1
+        counts[_OUTCOME_FIELD[attempt.outcome]] += 1
+        counts["wait_sum"] += wait
+        counts["proc_sum"] += proc
+        counts["total_sum"] += total
+        counts[f"w:{bucket(wait)}"] += 1
+        counts[f"p:{bucket(proc)}"] += 1
+        counts[f"t:{bucket(total)}"] += 1
+        maxima = [max(maxima[0], wait), max(maxima[1], proc), max(maxima[2], total)]
+    pairs: list[str | int] = []
+    for field, amount in counts.items():
+        pairs += [field, amount]
+    return pairs, maxima
