@@ -1,0 +1,159 @@
+"""`python -m bench [--quick] [--rows 1,3] [--output PATH]` (`make bench`).
+
+Runs the rows, prints one table and, for a full run of every row, writes it
+with the machine line to docs/benchmarks.md. A row that fails (or whose RPCs
+are not implemented yet) says so in its cell; the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import Machine, Row, log, table
+from bench.infra import ROOT
+from bench.rows_admin import row_stats, row_stream
+from bench.rows_grpc import row_batch, row_unary
+from bench.rows_memory import row_memory
+from bench.rows_processing import row_drain
+from queueservice_server.embedded import redis_server_binary
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int
+    load_seconds: float
+    batch_jobs: int
+    drain_jobs: int
+    drain_repeats: int
+    backlogs: tuple[int, ...]
+    admin_seconds: float
+    stream_jobs: int
+    memory_jobs: int
+
+
+# Sized so that a full run stays under 10 minutes on a 2-core machine.
+FULL = Sizes(
+    repeats=5,
+    load_seconds=1.5,
+    batch_jobs=20_000,
+    drain_jobs=20_000,
+    drain_repeats=3,
+    backlogs=(0, 100_000, 1_000_000),
+    admin_seconds=1.0,
+    stream_jobs=3_000,
+    memory_jobs=10_000,
+)
+QUICK = Sizes(
+    repeats=3,
+    load_seconds=0.5,
+    batch_jobs=5_000,
+    drain_jobs=3_000,
+    drain_repeats=2,
+    backlogs=(0, 10_000, 100_000),
+    admin_seconds=0.3,
+    stream_jobs=500,
+    memory_jobs=2_000,
+)
+
+RowRunner = Callable[[Path, Sizes], list[Row]]
+ROWS: dict[int, tuple[str, RowRunner]] = {
+    1: ("unary Enqueue vs bare echo", lambda d, s: row_unary(d, seconds=s.load_seconds, repeats=s.repeats)),
+    2: ("EnqueueBatch vs plain Huey enqueue", lambda d, s: row_batch(d, jobs=s.batch_jobs, repeats=s.repeats)),
+    3: ("drain vs plain Huey consumer", lambda d, s: row_drain(d, jobs=s.drain_jobs, repeats=s.drain_repeats)),
+    4: (
+        "GetStats/GetPerformance vs backlog",
+        lambda d, s: row_stats(d, backlogs=s.backlogs, seconds=s.admin_seconds, repeats=s.repeats),
+    ),
+    5: ("StreamTimings fan-out", lambda d, s: row_stream(d, jobs=s.stream_jobs, repeats=3)),
+    6: ("Redis memory per job", lambda d, s: row_memory(d, jobs=s.memory_jobs, repeats=3)),
+}
+
+METHOD = """\
+Every figure is measured next to its baseline in the same run, on a Redis the
+bench starts for the row (the embedded `redis-server`, no persistence, a free
+loopback port), with servers and workers as child processes started the way
+operators start them (`queue-service serve|worker`, QUEUE_* variables; rate
+limit off). Subject and baseline alternate (A B, B A, ...) over the repeats;
+each cell is the median with the min-max over repeats, and each ratio is taken
+repeat by repeat. Targets are judged on the median ratio. The machine is
+shared and noisy: compare ratios, not absolute figures, across runs.
+"""
+
+
+def parse_rows(text: str) -> list[int]:
+    rows = sorted({int(part) for part in text.split(",") if part.strip()})
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"no such row: {unknown}; rows are {sorted(ROWS)}")
+    return rows
+
+
+def run_row(number: int, workdir: Path, sizes: Sizes) -> tuple[list[Row], bool]:
+    """The row's lines, and whether it ran without failing."""
+    name, runner = ROWS[number]
+    log(f"row {number}: {name}")
+    start = time.monotonic()
+    try:
+        rows = runner(workdir / f"row{number}", sizes)
+    except Exception as exc:
+        traceback.print_exc()
+        first_line = (str(exc).splitlines() or [""])[0]
+        return [Row.unavailable(str(number), name, f"failed: {type(exc).__name__}: {first_line}")], False
+    log(f"row {number}: done in {time.monotonic() - start:.0f} s")
+    return rows, True
+
+
+def document(machine: Machine, rows: list[Row], wall: float, quick: bool) -> str:
+    run = "`python -m bench --quick`" if quick else "`make bench` (`python -m bench`)"
+    return (
+        "# Benchmarks\n\n"
+        f"Written by {run}; re-run it to refresh this page. `--quick` runs small sizes,\n"
+        "`--rows 1,3` picks rows.\n\n"
+        f"Machine: {machine.line()}. Wall time of the run: {wall:.0f} s.\n\n"
+        f"{table(rows)}\n\n"
+        f"## Method\n\n{METHOD}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about 1-2 minutes, for trying it out")
+    parser.add_argument("--rows", type=parse_rows, default=sorted(ROWS), help="comma-separated rows, e.g. 1,3")
+    parser.add_argument(
+        "--output", type=Path, help=f"write the page here (default: {DOC.relative_to(ROOT)} for a full run of all rows)"
+    )
+    args = parser.parse_args()
+    output: Path | None = args.output
+    if output is None and not args.quick and args.rows == sorted(ROWS):
+        output = DOC
+    sizes = QUICK if args.quick else FULL
+    machine = Machine(redis_server_binary())
+    started = time.monotonic()
+    rows: list[Row] = []
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="queue-bench-") as tmp:
+        for number in args.rows:
+            row_lines, row_ok = run_row(number, Path(tmp), sizes)
+            rows += row_lines
+            ok = ok and row_ok
+    wall = time.monotonic() - started
+    machine.finish()
+    print(f"Machine: {machine.line()}. Wall time: {wall:.0f} s.\n")
+    print(table(rows))
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(document(machine, rows, wall, args.quick))
+        log(f"wrote {output}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

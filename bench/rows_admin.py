@@ -1,0 +1,293 @@
+"""Rows 4 and 5: the operators' RPCs. Each row first asks the server; while an
+RPC answers UNIMPLEMENTED its row says so instead of failing, so the bench
+can be re-run as soon as the RPCs land.
+
+Row 4: GetStats / GetPerformance latency, one call in flight, on three
+queues of one Redis holding 0, 100,000 and 1,000,000 waiting jobs, measured
+interleaved (with the bare echo server sent the same request bytes, for
+scale). Flat in backlog size means the 1M queue within 1.2x of the empty one.
+
+Row 5: StreamTimings, with a worker draining a burst of jobs: delivery
+latency (the job's finish time to the subscriber's receipt) with 10
+subscribers against 1; events/s delivered to 10 subscribers against what
+keeping up would take (10 x the workers' finish rate); and the workers' rate
+with 10 subscribers against none (a subscriber must never slow workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+
+from bench import echo_server
+from bench.harness import NOT_IMPLEMENTED, Row, Summary, interleaved, log, percentile, ratios, verdict
+from bench.infra import QUEUE, Bench, ClientLoop, echo_process, fresh_redis, serve_process, worker_process
+from bench.rows_grpc import Load, Unary, closed_loop, ms, raw_unary
+from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
+from queueservice_server.producer import JobSpec, Producer
+from queueservice_server.redis_client import async_client
+
+if TYPE_CHECKING:
+    from queueservice.v1.admin_service_pb2_grpc import QueueAdminServiceAsyncStub
+
+ADMIN = "/queueservice.v1.QueueAdminService/"
+
+
+def backlog_label(count: int) -> str:
+    if count >= 1_000_000:
+        return f"{count / 1_000_000:g}M"
+    return f"{count / 1000:g}k" if count >= 1000 else str(count)
+
+
+async def unary_implemented(call: Unary, request: bytes) -> bool:
+    try:
+        await call(request, timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return False
+        raise
+    return True
+
+
+def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repeats: int) -> list[Row]:
+    queues = {backlog: f"backlog-{backlog_label(backlog)}" for backlog in backlogs}
+    titles = {
+        name: f"{name} latency, 1 in flight, at {' / '.join(backlog_label(b) for b in backlogs)} waiting jobs"
+        for name in ("GetStats", "GetPerformance")
+    }
+    requests = {
+        "GetStats": {b: admin_service_pb2.GetStatsRequest(queue=q).SerializeToString() for b, q in queues.items()},
+        "GetPerformance": {
+            b: admin_service_pb2.GetPerformanceRequest(queue=q).SerializeToString() for b, q in queues.items()
+        },
+    }
+    # name -> (per backlog: loads), echo loads
+    results: dict[str, tuple[dict[int, list[Load]], list[Load]]] = {}
+    with fresh_redis(workdir) as bench:
+        settings = bench.settings(queues=tuple(queues.values()))
+        with (
+            serve_process(settings, workdir) as ours,
+            echo_process(settings, workdir) as echo,
+            ClientLoop() as client,
+        ):
+            echo_call = raw_unary(client.channel(echo.target), echo_server.METHOD)
+            ours_channel = client.channel(ours.target)
+            calls = {name: raw_unary(ours_channel, ADMIN + name) for name in requests}
+            live = [
+                name for name in requests if client.run(unary_implemented(calls[name], requests[name][backlogs[0]]))
+            ]
+            if live:
+                for backlog, queue in queues.items():
+                    log(f"  row 4: filling {queue} with {backlog:,} jobs")
+                    client.run(bench.fill_async(backlog, queue=queue, chunk=5000))
+
+            def run(call: Unary, request: bytes) -> Load:
+                return client.run(closed_loop(call, request, 1, seconds))
+
+            for name in live:
+                series = [
+                    *(partial(run, calls[name], requests[name][b]) for b in backlogs),
+                    partial(run, echo_call, requests[name][backlogs[0]]),
+                ]
+                measured = interleaved(repeats, series)
+                results[name] = (dict(zip(backlogs, measured, strict=False)), measured[-1])
+                log(f"  row 4: {name}: " + ", ".join(f"{ms(r[0].p50):.2f} ms" for r in measured))
+    rows = []
+    for index, (name, title) in enumerate(titles.items()):
+        label = f"4{'ab'[index]}"
+        if name not in results:
+            rows.append(Row.unavailable(label, title, NOT_IMPLEMENTED))
+            continue
+        by_backlog, echo_loads = results[name]
+        subject = "; ".join(
+            f"{backlog_label(b)}: p50 {Summary.of([ms(x.p50) for x in loads]).fmt('ms')}, "
+            f"p99 {Summary.of([ms(x.p99) for x in loads]).fmt('ms')}"
+            for b, loads in by_backlog.items()
+        )
+        empty, largest = by_backlog[backlogs[0]], by_backlog[backlogs[-1]]
+        growth = ratios([x.p50 for x in largest], [x.p50 for x in empty])
+        p99_growth = ratios([x.p99 for x in largest], [x.p99 for x in empty])
+        echo_p50 = Summary.of([ms(x.p50) for x in echo_loads])
+        versus_echo = ratios([x.p50 for x in empty], [x.p50 for x in echo_loads])
+        rows.append(
+            Row(
+                label,
+                title + " (lower is better)",
+                subject,
+                f"the same call on the empty queue; bare echo: p50 {echo_p50.fmt('ms')}",
+                f"{backlog_label(backlogs[-1])} / empty: p50 {growth.fmt('x')}, p99 {p99_growth.fmt('x')}; "
+                f"empty / echo: p50 {versus_echo.fmt('x')}",
+                f"{backlog_label(backlogs[-1])} p50 <= 1.2x empty",
+                verdict(growth, 1.2, at_most=True),
+            )
+        )
+    return rows
+
+
+async def stream_implemented(stub: QueueAdminServiceAsyncStub) -> bool:
+    """UNIMPLEMENTED comes back at once; a served stream either sends or waits (and meets the deadline)."""
+    call = stub.StreamTimings(admin_service_pb2.StreamTimingsRequest(queue=QUEUE), timeout=1.5)
+    try:
+        async for _ in call:
+            break
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return False
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        call.cancel()
+    return True
+
+
+@dataclass
+class Subscriber:
+    """What one StreamTimings subscriber has received since `reset`."""
+
+    latencies: list[float] = field(default_factory=list)
+    dropped: int = 0
+    last_received: float = 0.0
+
+    def reset(self) -> None:
+        self.latencies.clear()
+        self.dropped = 0
+
+    async def run(self, stub: QueueAdminServiceAsyncStub) -> None:
+        call = stub.StreamTimings(admin_service_pb2.StreamTimingsRequest(queue=QUEUE))
+        try:
+            async for message in call:
+                now = time.time()
+                self.latencies.append(now - message.timing.finish_time.ToNanoseconds() / 1e9)
+                self.dropped += message.dropped_count
+                self.last_received = time.perf_counter()
+        finally:
+            call.cancel()
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """One burst: delivery latencies (s), events/s delivered to all subscribers, jobs/s finished."""
+
+    p50: float
+    p99: float
+    delivered_rate: float
+    finish_rate: float
+
+
+async def _until(condition: bool, tasks: list[asyncio.Task[None]]) -> bool:
+    """One polling step: re-raises a subscriber's failure, then says whether `condition` holds."""
+    for task in tasks:
+        if task.done():
+            task.result()
+    if not condition:
+        await asyncio.sleep(0.01)
+    return condition
+
+
+async def fan_out(bench: Bench, stub: QueueAdminServiceAsyncStub, subscribers: int, jobs: int) -> FanOut:
+    """Opens `subscribers` streams, then enqueues `jobs` (a worker is draining) and
+    waits until the workers finished them and every subscriber received them."""
+    settings = bench.settings()
+    client = async_client(settings, bench.url)
+    producer = Producer(settings, client)
+    subs = [Subscriber() for _ in range(subscribers)]
+    tasks = [asyncio.create_task(sub.run(stub)) for sub in subs]
+    try:
+        # A stream delivers live events only once the server reads for it: feed
+        # single jobs until every subscriber has seen one, then start counting.
+        deadline = time.monotonic() + 15
+        while not all(sub.latencies for sub in subs):
+            if time.monotonic() > deadline:
+                raise TimeoutError("StreamTimings subscribers received nothing")
+            await producer.enqueue([JobSpec(queue=QUEUE, task="diag.noop", payload={})])
+            await asyncio.sleep(0.2)
+        done_before = sum(bench.finished())
+        for sub in subs:
+            sub.reset()
+        start = time.perf_counter()
+        for offset in range(0, jobs, 500):
+            specs = [JobSpec(queue=QUEUE, task="diag.noop", payload={"n": i}) for i in range(offset, offset + 500)]
+            await producer.enqueue(specs[: jobs - offset])
+        deadline = time.monotonic() + 60 + jobs / 100
+        while not await _until(sum(bench.finished()) - done_before >= jobs, tasks):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker did not finish the burst")
+        finished = time.perf_counter()
+        deadline = time.monotonic() + 10
+        while not await _until(all(len(s.latencies) + s.dropped >= jobs for s in subs), tasks):
+            if time.monotonic() > deadline:
+                raise TimeoutError("StreamTimings subscribers did not receive every event within 10 s")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
+    latencies = sorted(latency for sub in subs for latency in sub.latencies)
+    delivered_until = max((sub.last_received for sub in subs), default=finished)
+    return FanOut(
+        p50=percentile(latencies, 0.5) if latencies else float("nan"),
+        p99=percentile(latencies, 0.99) if latencies else float("nan"),
+        delivered_rate=len(latencies) / (delivered_until - start),
+        finish_rate=jobs / (finished - start),
+    )
+
+
+def latency_cell(runs: list[FanOut]) -> str:
+    return (
+        f"p50 {Summary.of([ms(x.p50) for x in runs]).fmt('ms')}, p99 {Summary.of([ms(x.p99) for x in runs]).fmt('ms')}"
+    )
+
+
+def row_stream(workdir: Path, *, jobs: int, repeats: int, subscribers: int = 10) -> list[Row]:
+    titles = {
+        "5a": f"StreamTimings delivery latency (job finished -> subscriber got it), {subscribers} subscribers vs 1",
+        "5b": f"StreamTimings events/s delivered to {subscribers} subscribers vs {subscribers} x jobs finished/s",
+        "5c": f"worker drain rate with {subscribers} StreamTimings subscribers vs none",
+    }
+    with fresh_redis(workdir) as bench:
+        settings = bench.settings(worker_concurrency=2)
+        with serve_process(settings, workdir) as ours, ClientLoop() as client:
+            stub: QueueAdminServiceAsyncStub = admin_service_pb2_grpc.QueueAdminServiceStub(client.channel(ours.target))
+            if not client.run(stream_implemented(stub)):
+                return [Row.unavailable(label, title, NOT_IMPLEMENTED) for label, title in titles.items()]
+            with worker_process(settings, workdir):
+
+                def run(n: int) -> FanOut:
+                    result = client.run(fan_out(bench, stub, n, jobs))
+                    log(f"  row 5: {n} subscribers: p50 {ms(result.p50):.1f} ms, {result.finish_rate:,.0f} jobs/s")
+                    return result
+
+                many, one, none = interleaved(repeats, [lambda: run(subscribers), lambda: run(1), lambda: run(0)])
+    return [
+        Row(
+            "5a",
+            titles["5a"] + f" ({jobs:,}-job bursts; lower is better)",
+            latency_cell(many),
+            "1 subscriber: " + latency_cell(one),
+            f"p50 {ratios([x.p50 for x in many], [x.p50 for x in one]).fmt('x')}; "
+            f"p99 {ratios([x.p99 for x in many], [x.p99 for x in one]).fmt('x')}",
+        ),
+        Row(
+            "5b",
+            titles["5b"],
+            Summary.of([x.delivered_rate for x in many]).fmt("events/s"),
+            Summary.of([subscribers * x.finish_rate for x in many]).fmt("events/s"),
+            ratios([x.delivered_rate for x in many], [subscribers * x.finish_rate for x in many]).fmt("x"),
+            "~1x (keeps up)",
+        ),
+        Row(
+            "5c",
+            titles["5c"] + " (worker concurrency 2)",
+            Summary.of([x.finish_rate for x in many]).fmt("jobs/s"),
+            "no subscriber: " + Summary.of([x.finish_rate for x in none]).fmt("jobs/s"),
+            ratios([x.finish_rate for x in many], [x.finish_rate for x in none]).fmt("x"),
+            "~1x",
+        ),
+    ]
