@@ -259,7 +259,6 @@ def test_admin_rpcs_answer_unimplemented(admin_stub: object) -> None:
     for call, request in [
         ("GetStats", admin_service_pb2.GetStatsRequest()),
         ("GetPerformance", admin_service_pb2.GetPerformanceRequest()),
-        ("RetryFailed", admin_service_pb2.RetryFailedRequest()),
     ]:
         error = rpc_error(lambda c=call, r=request: getattr(stub, c)(r))  # type: ignore[misc]
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -47,7 +47,9 @@ class QueueKeys:
 
     @property
     def counters(self) -> str:
-        """HASH of running totals: seq, evicted_completed, evicted_failed, stalled."""
+        """HASH of running totals: seq (waiting order), timings (stream entries ever written),
+        total_n / total_completed / total_failed / total_retried (finished attempts),
+        evicted_completed, evicted_failed (retention), stalled (reaped)."""
         return f"{self.base}:counters"
 
     @property

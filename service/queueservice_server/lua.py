@@ -134,7 +134,9 @@ return out
 
 # Records a batch of finished attempts (one queue): outcome and times on the
 # job record, the finished sets with retention, a retry's next move, one
-# timings stream entry per attempt, and the batch's per-minute figures.
+# timings stream entry per attempt (numbered by counters.timings, so a reader
+# can tell how many it missed), the batch's per-minute figures, and running
+# totals in counters (total_n, total_completed, total_failed, total_retried).
 # An attempt whose job is no longer held (reaped meanwhile) changes no job.
 # KEYS: active, completed, failed, delayed, waiting, counters, timings
 # ARGV: job_prefix, minute_prefix, keep_completed, keep_failed, stream_maxlen,
@@ -171,7 +173,8 @@ for _ = 1, n do
         to_waiting(KEYS[5], KEYS[6], key, id, nil)
       end
     end
-    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'job', id, 'task', task, 'outcome', outcome,
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'seq', redis.call('HINCRBY', KEYS[6], 'timings', 1),
+      'job', id, 'task', task, 'outcome', outcome,
       'attempt', redis.call('HGET', key, 'attempts') or '0', 'wait', wait, 'proc', finish - start,
       'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
   end
@@ -187,8 +190,10 @@ for k = 1, 3 do
   end
 end
 i = i + 3
+local totals = {n = true, completed = true, failed = true, retried = true}
 while i < #ARGV do
   redis.call('HINCRBY', minute, ARGV[i], ARGV[i + 1])
+  if totals[ARGV[i]] then redis.call('HINCRBY', KEYS[6], 'total_' .. ARGV[i], ARGV[i + 1]) end
   i = i + 2
 end
 redis.call('EXPIRE', minute, ARGV[6])

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio
 
-from queueservice_server.codec import encode_message
+from queueservice_server.codec import MessageDecodeError, decode_message, encode_message, fresh_message
 from queueservice_server.jobs import JobRecord, new_job_id, split_job_id
 from queueservice_server.keys import QueueKeys
 from queueservice_server.scripts import Scripts
@@ -34,6 +34,13 @@ class JobSpec:
     retry_delay: float = 2.0
     retry_backoff: float = 2.0
     idempotency_key: str = ""
+
+
+@dataclass(frozen=True)
+class Retried:
+    job_ids: list[str]
+    not_found: list[str]
+    not_failed: list[str]
 
 
 @dataclass(frozen=True)
@@ -103,3 +110,57 @@ class Producer:
         if not fields:
             return None
         return JobRecord.from_hash(job_id, queue, fields)
+
+    async def retry_failed(self, queue: str, job_ids: Sequence[str], task: str, limit: int) -> Retried:
+        """Failed jobs of `queue` (those named, or all), of `task` if given, at most `limit` (0: all),
+        back to waiting with a fresh attempt count. The move is guarded in Lua, so a job that two
+        calls both chose moves once."""
+        keys = self.keys(queue)
+        not_found: list[str] = []
+        if job_ids:
+            locals_: list[str] = []
+            for job_id in job_ids:
+                parts = split_job_id(job_id)
+                if parts is None or parts[0] != queue:
+                    not_found.append(job_id)
+                else:
+                    locals_.append(parts[1])
+        else:
+            # The failed set is capped by retention (QUEUE_KEEP_FAILED), so listing it is cheap.
+            members: list[bytes] = await self.client.zrange(keys.failed, 0, -1)  # type: ignore[assignment]
+            locals_ = [member.decode() for member in members]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for local in locals_:
+                pipe.hmget(keys.job(local), "msg", "task", "max_attempts", "state")
+            records: list[list[bytes | None]] = await pipe.execute()
+        chosen: list[str] = []
+        pairs: list[str | bytes] = []
+        not_failed: list[str] = []
+        for local, (msg, job_task, max_attempts, state) in zip(locals_, records, strict=True):
+            if state is None:
+                not_found.append(f"{queue}:{local}")
+            elif state != b"FAILED":
+                not_failed.append(f"{queue}:{local}")
+            elif (not task or job_task == task.encode()) and (not limit or len(chosen) < limit):
+                chosen.append(local)
+                pairs += [local, self._fresh(msg or b"", int(max_attempts or 1))]
+        moved: set[bytes] = set()
+        if pairs:
+            moved = set(
+                await self.scripts.retry_failed(
+                    keys=[keys.failed, keys.waiting, keys.counters], args=[keys.job_prefix, *pairs]
+                )
+            )
+        retried = [f"{queue}:{local}" for local in chosen if local.encode() in moved]
+        if job_ids:
+            # A job chosen here but moved meanwhile by a concurrent call is no longer failed.
+            not_failed += [f"{queue}:{local}" for local in chosen if local.encode() not in moved]
+        return Retried(job_ids=retried, not_found=not_found, not_failed=not_failed if job_ids else [])
+
+    @staticmethod
+    def _fresh(msg: bytes, max_attempts: int) -> bytes:
+        try:
+            return fresh_message(decode_message(msg), max_attempts)
+        except MessageDecodeError:
+            # Retried as it is: it fails again, with the same clear error.
+            return msg

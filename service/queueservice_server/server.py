@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
+from queueservice_server.api.admin_servicer import AdminServicer
 from queueservice_server.api.interceptors import DecodeGuard
 from queueservice_server.api.queue_servicer import QueueServicer
 from queueservice_server.api.validation import Validator
@@ -72,12 +73,10 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
     client = async_client(settings, redis_url)
     server = grpc.aio.server(options=server_options(settings), interceptors=[DecodeGuard()])
-    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(
-        QueueServicer(Producer(settings, client), Validator(settings, tasks)), server
-    )
-    # The admin RPCs answer UNIMPLEMENTED until their issues land.
+    producer, validator = Producer(settings, client), Validator(settings, tasks)
+    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(QueueServicer(producer, validator), server)
     admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server(
-        admin_service_pb2_grpc.QueueAdminServiceServicer(),  # type: ignore[abstract]
+        AdminServicer(producer, validator),  # type: ignore[abstract]  # monitoring RPCs: UNIMPLEMENTED for now
         server,
     )
     health = RedisHealth(client)

@@ -15,7 +15,9 @@ Buckets grow by BUCKET_RATIO, so a percentile read from them is within
 (BUCKET_RATIO - 1) of the true value.
 
 The timings STREAM (`QueueKeys.timings`) holds one entry per finished attempt
-with the fields job, task, outcome, attempt, wait, proc, start, finish, worker, error.
+with the fields seq (1, 2, ... per queue: a gap before the oldest retained
+entry is what a reader missed), job (local id), task, outcome, attempt,
+wait, proc, start, finish (ms), worker, error (first 500 characters).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 
 BUCKET_RATIO = 1.25
 _LOG_RATIO = math.log(BUCKET_RATIO)
-STREAM_ERROR_CHARS = 500
 
 
 class Outcome(enum.StrEnum):
