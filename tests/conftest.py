@@ -61,6 +61,8 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         grpc_grace=0.5,
         worker_concurrency=2,
         retry_backoff_base=0.2,
+        # Tests that are not about the rate limit must not wait for it.
+        rate_limit_max=0,
     )
 
 

@@ -10,11 +10,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
+
+from queueservice_server.keys import QueueKeys
 from queueservice_server.server import App, create_server
 from queueservice_server.settings import Settings
 
@@ -132,3 +136,29 @@ def wait_for(check: Callable[[], T | None], timeout: float, interval: float = 0.
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def job_hashes(settings: Settings, job_ids: list[str]) -> dict[str, dict[bytes, bytes]]:
+    """Every job's record, read straight from Redis in one round trip (ids are `queue:local`)."""
+    client = redis.Redis.from_url(settings.redis_url)
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            queue, _, local = job_id.rpartition(":")
+            pipe.hgetall(QueueKeys(settings.key_prefix, queue).job(local))
+        records: list[dict[bytes, bytes]] = pipe.execute()
+    client.close()
+    return dict(zip(job_ids, records, strict=True))
+
+
+def states(settings: Settings, job_ids: list[str]) -> Counter[str]:
+    return Counter(record.get(b"state", b"GONE").decode() for record in job_hashes(settings, job_ids).values())
+
+
+def wait_all(settings: Settings, job_ids: list[str], state: str, timeout: float) -> None:
+    def done() -> bool:
+        return states(settings, job_ids)[state] == len(job_ids)
+
+    try:
+        wait_for(done, timeout, interval=0.2, what=f"{len(job_ids)} jobs {state}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {dict(states(settings, job_ids))}") from None

@@ -135,8 +135,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         """Flushes pending outcomes and takes more work, in one round trip per queue tried."""
         core = self.core
         count = self._batch_size()
+        # Pending outcomes are dropped only once Redis has them: an outage loses none.
         settled = self._pending
-        self._pending = []
         for index, keys in enumerate(core.keys.values()):
             with core.client.pipeline(transaction=False) as pipe:
                 if index == 0:
@@ -145,6 +145,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
                 replies = pipe.execute()
             mono = time.monotonic()
             if index == 0:
+                self._pending = []
                 self._settled(settled)
             reply = replies[-1]
             now_ms, wait_ms = int(reply[0]), int(reply[1])
@@ -175,10 +176,10 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
 
     def _flush(self) -> None:
         settled = self._pending
-        self._pending = []
         with self.core.client.pipeline(transaction=False) as pipe:
             self._queue_settles(pipe, settled)
             pipe.execute()
+        self._pending = []
         self._settled(settled)
         self._publish_held()
 
