@@ -40,6 +40,7 @@ LOOPBACK = "127.0.0.1"
 # Rate limiting would cap every drain at the limit; the benchmarks measure the
 # machinery, so it is off. Passed as a variable (not a Settings field) so the
 # bench runs on a service with or without the setting.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 EXTRA_ENV = {"QUEUE_RATE_LIMIT_MAX": "0"}
 
 
@@ -108,6 +109,14 @@ class Child:
                 self.process.wait(10)
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (Linux /proc; its children not included)."""
+        assert self.process is not None
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
+        # Fields after the parenthesized command name; utime and stime are the 14th and 15th of the line.
+        after_name = stat.rsplit(")", 1)[1].split()
+        return (int(after_name[11]) + int(after_name[12])) / CLOCK_TICKS
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -227,34 +236,38 @@ class ClientLoop:
 
 @dataclass(frozen=True)
 class Drain:
-    """A drain from the first job taken to the last one done."""
+    """A drain from the first job taken to the last one done, with where the CPU went meanwhile."""
 
     jobs: int
     seconds: float
+    # CPU seconds: Redis's, and every process's on the machine (Redis, workers, this bench, neighbours).
+    redis_cpu: float
+    machine_cpu: float
 
     @property
     def rate(self) -> float:
         return self.jobs / self.seconds
 
+    @property
+    def redis_us_per_job(self) -> float:
+        return self.redis_cpu / self.jobs * 1e6
 
-def measure_drain(
-    taken: Callable[[], int], done: Callable[[], int], total: int, alive: Callable[[], None], timeout: float
-) -> Drain:
-    """The clock starts when the first job is taken (process start-up is not
-    timed) and stops when `done` reaches `total`; `alive` raises if a process died."""
-    deadline = time.monotonic() + timeout
-    while taken() == 0:
-        alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError("no job was taken")
-        time.sleep(0.002)
-    start = time.perf_counter()
-    while (finished := done()) < total:
-        alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{total - finished} of {total} jobs still not done")
-        time.sleep(0.01)
-    return Drain(jobs=total, seconds=time.perf_counter() - start)
+    @property
+    def others_us_per_job(self) -> float:
+        """CPU per job outside Redis: mostly the workers (the bench only polls a few counts)."""
+        return (self.machine_cpu - self.redis_cpu) / self.jobs * 1e6
+
+    @property
+    def machine_busy(self) -> float:
+        """The fraction of all cores busy during the drain."""
+        return self.machine_cpu / (self.seconds * (os.cpu_count() or 1))
+
+
+def machine_cpu() -> float:
+    """Busy CPU seconds over all cores since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values) - idle) / CLOCK_TICKS
 
 
 class Bench:
@@ -275,12 +288,42 @@ class Bench:
         base = Settings(redis_url=self.url, key_prefix=PREFIX, shutdown_grace=5.0, grpc_grace=1.0, log_level="WARNING")
         return replace(base, **overrides)
 
+    def redis_cpu(self) -> float:
+        """CPU seconds the Redis server has used (INFO cpu)."""
+        info: dict[str, Any] = self.redis.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    def measure_drain(
+        self, taken: Callable[[], int], done: Callable[[], int], total: int, alive: Callable[[], None]
+    ) -> Drain:
+        """The clock starts when the first job is taken (process start-up is not
+        timed) and stops when `done` reaches `total`; `alive` raises if a process died."""
+        deadline = time.monotonic() + 60 + total / 100
+        while taken() == 0:
+            alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError("no job was taken")
+            time.sleep(0.002)
+        start, redis_start, machine_start = time.perf_counter(), self.redis_cpu(), machine_cpu()
+        while (finished := done()) < total:
+            alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{total - finished} of {total} jobs still not done")
+            time.sleep(0.002)
+        seconds = time.perf_counter() - start
+        return Drain(total, seconds, self.redis_cpu() - redis_start, machine_cpu() - machine_start)
+
     def flush(self) -> None:
         self.redis.flushall()
 
     def used_memory(self) -> int:
         info: dict[str, Any] = self.redis.info("memory")
         return int(info["used_memory"])
+
+    def script_usec_per_call(self) -> float:
+        """Redis's own time per EVALSHA since the last CONFIG RESETSTAT (INFO commandstats)."""
+        stats: dict[str, Any] = self.redis.info("commandstats")
+        return float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", float("nan")))
 
     def keys(self, queue: str = QUEUE) -> QueueKeys:
         return QueueKeys(PREFIX, queue)

@@ -89,7 +89,8 @@ def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repea
                     client.run(bench.fill_async(backlog, queue=queue, chunk=5000))
 
             def run(call: Unary, request: bytes) -> Load:
-                return client.run(closed_loop(call, request, 1, seconds))
+                server = echo if call is echo_call else ours
+                return client.run(closed_loop(call, request, 1, seconds, server.cpu_seconds))
 
             for name in live:
                 series = [

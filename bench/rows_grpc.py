@@ -40,14 +40,18 @@ def raw_unary(channel: grpc.aio.Channel, method: str) -> Unary:
 
 @dataclass(frozen=True)
 class Load:
-    """One closed-loop load run: calls per second and latency percentiles (seconds)."""
+    """One closed-loop load run: calls per second, latency percentiles and the
+    server process's CPU time per call (seconds)."""
 
     qps: float
     p50: float
     p99: float
+    server_cpu: float
 
 
-async def closed_loop(call: Unary, request: bytes, in_flight: int, seconds: float) -> Load:
+async def closed_loop(
+    call: Unary, request: bytes, in_flight: int, seconds: float, server_cpu: Callable[[], float]
+) -> Load:
     """`in_flight` callers, each sending its next call when the last one answers, for `seconds`."""
     latencies: list[float] = []
 
@@ -62,11 +66,13 @@ async def closed_loop(call: Unary, request: bytes, in_flight: int, seconds: floa
     warm_until = time.perf_counter() + min(0.3, seconds / 4)
     await asyncio.gather(*(caller(warm_until) for _ in range(in_flight)))
     latencies.clear()
+    cpu_before = server_cpu()
     start = time.perf_counter()
     await asyncio.gather(*(caller(start + seconds) for _ in range(in_flight)))
     elapsed = time.perf_counter() - start
+    cpu = (server_cpu() - cpu_before) / len(latencies)
     latencies.sort()
-    return Load(qps=len(latencies) / elapsed, p50=percentile(latencies, 0.50), p99=percentile(latencies, 0.99))
+    return Load(len(latencies) / elapsed, percentile(latencies, 0.50), percentile(latencies, 0.99), cpu)
 
 
 def ms(seconds: float) -> float:
@@ -77,7 +83,8 @@ def load_cell(loads: list[Load]) -> str:
     qps = Summary.of([x.qps for x in loads])
     p50 = Summary.of([ms(x.p50) for x in loads])
     p99 = Summary.of([ms(x.p99) for x in loads])
-    return f"{qps.fmt('calls/s')}; p50 {p50.fmt('ms')}; p99 {p99.fmt('ms')}"
+    cpu = Summary.of([x.server_cpu * 1e6 for x in loads])
+    return f"{qps.fmt('calls/s')}; p50 {p50.fmt('ms')}; p99 {p99.fmt('ms')}; server CPU {cpu.fmt('µs/call')}"
 
 
 def row_unary(workdir: Path, *, seconds: float, repeats: int) -> list[Row]:
@@ -99,7 +106,8 @@ def row_unary(workdir: Path, *, seconds: float, repeats: int) -> list[Row]:
                 # Every repeat of ours starts on an empty queue.
                 if call is enqueue:
                     bench.flush()
-                load = client.run(closed_loop(call, request, in_flight, seconds))
+                server = ours if call is enqueue else echo
+                load = client.run(closed_loop(call, request, in_flight, seconds, server.cpu_seconds))
                 log(f"  row 1: {name}, {in_flight} in flight: {load.qps:,.0f} calls/s")
                 return load
 
@@ -151,14 +159,19 @@ def row_batch(workdir: Path, *, jobs: int, repeats: int, batch: int = 1000) -> l
     ):
         stub = queue_service_pb2_grpc.QueueServiceStub(client.channel(ours.target))
         huey = PlainHuey(bench.url)
+        # Where our time goes: the server's CPU per job, and Redis's time per ENQUEUE script call.
+        server_cpu: list[float] = []
         try:
 
             async def batches() -> None:
+                cpu_before = ours.cpu_seconds()
                 for offset in range(0, jobs, batch):
                     await stub.EnqueueBatch(batch_request(offset, min(batch, jobs - offset)), timeout=30)
+                server_cpu.append((ours.cpu_seconds() - cpu_before) / jobs * 1e6)
 
             # Warm-up: connections, script load.
             client.run(stub.EnqueueBatch(batch_request(0, batch), timeout=30))
+            bench.redis.config_resetstat()
 
             def measure(name: str, action: Callable[[], None]) -> Callable[[], float]:
                 def run() -> float:
@@ -176,9 +189,13 @@ def row_batch(workdir: Path, *, jobs: int, repeats: int, batch: int = 1000) -> l
                     measure("Huey pipelined", lambda: huey.enqueue_pipelined(payloads)),
                 ],
             )
+            redis_us = bench.script_usec_per_call()
         finally:
             huey.close()
-    ours_cell = Summary.of(subject).fmt("jobs/s")
+    ours_cell = (
+        f"{Summary.of(subject).fmt('jobs/s')}; server CPU {Summary.of(server_cpu).fmt('µs/job')}, "
+        f"Redis {redis_us:.1f} µs/job"
+    )
     ratio = ratios(subject, one_by_one)
     return [
         Row(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.harness import Row, Summary, interleaved, log, ratios
 from bench.huey_app import PlainHuey
-from bench.infra import Bench, fresh_redis, measure_drain, worker_process
+from bench.infra import Bench, fresh_redis, worker_process
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,7 @@ def ours(bench: Bench, jobs: int) -> PerJob:
     bench.fill(jobs)
     waiting = bench.used_memory() - before
     with worker_process(bench.settings(keep_completed=jobs), bench.dir) as worker:
-        measure_drain(
-            lambda: jobs - bench.waiting(), lambda: sum(bench.finished()), jobs, worker.check_alive, 60 + jobs / 100
-        )
+        bench.measure_drain(lambda: jobs - bench.waiting(), lambda: sum(bench.finished()), jobs, worker.check_alive)
     completed = bench.used_memory() - before
     encoding = job_hash_encoding(bench)
     log(f"  row 6: ours: {waiting / jobs:,.0f} B waiting, {completed / jobs:,.0f} B completed ({encoding})")

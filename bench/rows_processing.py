@@ -18,57 +18,66 @@ from pathlib import Path
 
 from bench.harness import Row, Summary, interleaved, log, ratios, verdict
 from bench.huey_app import PlainHuey
-from bench.infra import Bench, fresh_redis, huey_process, measure_drain, worker_process
+from bench.infra import Bench, Drain, fresh_redis, huey_process, worker_process
 
 OUR_CONCURRENCY = (2, 4)
-HUEY_WORKERS = (("thread", 1), ("thread", 4), ("process", 2))
+# (worker type, workers, label)
+HUEY_WORKERS = (
+    ("thread", 1, "1 thread"),
+    ("thread", 4, "4 threads"),
+    ("process", 2, "2 processes"),
+    ("process", 4, "4 processes"),
+    ("process", 8, "8 processes"),
+)
 
 
-def drain_ours(bench: Bench, jobs: int, concurrency: int) -> float:
+def drain_ours(bench: Bench, jobs: int, concurrency: int) -> Drain:
     bench.flush()
     bench.fill(jobs)
     with worker_process(bench.settings(worker_concurrency=concurrency), bench.dir) as worker:
-        drain = measure_drain(
-            lambda: jobs - bench.waiting(),
-            lambda: sum(bench.finished()),
-            jobs,
-            worker.check_alive,
-            timeout=60 + jobs / 100,
-        )
+        left = bench.waiting
+        drain = bench.measure_drain(lambda: jobs - left(), lambda: sum(bench.finished()), jobs, worker.check_alive)
     completed, failed = bench.finished()
     if (completed, failed) != (jobs, 0):
         raise RuntimeError(f"our worker completed {completed} and failed {failed} of {jobs} jobs")
     log(f"  row 3: ours c={concurrency}: {drain.rate:,.0f} jobs/s")
-    return drain.rate
+    return drain
 
 
-def drain_huey(bench: Bench, jobs: int, worker_type: str, workers: int) -> float:
+def drain_huey(bench: Bench, jobs: int, worker_type: str, workers: int) -> Drain:
     bench.flush()
     huey = PlainHuey(bench.url)
     try:
         huey.enqueue_pipelined([{"n": i} for i in range(jobs)])
         with huey_process(bench.url, workers, worker_type, bench.dir) as consumer:
             # Huey keeps no record of a finished no-op: "done" is its queue running empty.
-            drain = measure_drain(
-                lambda: jobs - huey.waiting(),
-                lambda: jobs - huey.waiting(),
-                jobs,
-                consumer.check_alive,
-                timeout=60 + jobs / 100,
-            )
+            left = huey.waiting
+            drain = bench.measure_drain(lambda: jobs - left(), lambda: jobs - left(), jobs, consumer.check_alive)
     finally:
         huey.close()
-    log(f"  row 3: Huey {workers} {worker_type}s: {drain.rate:,.0f} jobs/s")
-    return drain.rate
+    log(f"  row 3: Huey, {workers} x {worker_type}: {drain.rate:,.0f} jobs/s")
+    return drain
 
 
-def _best(results: dict[str, list[float]]) -> str:
-    return max(results, key=lambda name: Summary.of(results[name]).median)
+def _best(results: dict[str, list[Drain]]) -> str:
+    return max(results, key=lambda name: Summary.of([d.rate for d in results[name]]).median)
 
 
-def _others(results: dict[str, list[float]], best: str) -> str:
-    others = ", ".join(f"{name} {Summary.of(v).median:,.0f}" for name, v in results.items() if name != best)
-    return f" (other configurations, medians: {others})" if others else ""
+def _cell(results: dict[str, list[Drain]], best: str) -> str:
+    """The best configuration's rate, where the CPU went meanwhile, and the other configurations' medians."""
+    drains = results[best]
+    rate = Summary.of([d.rate for d in drains])
+    redis_us = Summary.of([d.redis_us_per_job for d in drains])
+    others_us = Summary.of([d.others_us_per_job for d in drains])
+    busy = Summary.of([100 * d.machine_busy for d in drains])
+    others = ", ".join(
+        f"{name} {Summary.of([d.rate for d in v]).median:,.0f}" for name, v in results.items() if name != best
+    )
+    return (
+        f"{best}: {rate.fmt('jobs/s')}; CPU per job: Redis {redis_us.fmt('µs')}, other processes {others_us.fmt('µs')};"
+        f" cores {busy.fmt('% busy')}"
+        f" (other configurations, median jobs/s: {others})"
+    )
 
 
 def alternate(first: list[str], second: list[str]) -> list[str]:
@@ -81,11 +90,11 @@ def alternate(first: list[str], second: list[str]) -> list[str]:
 
 def row_drain(workdir: Path, *, jobs: int, repeats: int) -> list[Row]:
     with fresh_redis(workdir) as bench:
-        ours: dict[str, Callable[[], float]] = {
+        ours: dict[str, Callable[[], Drain]] = {
             f"concurrency {c}": partial(drain_ours, bench, jobs, c) for c in OUR_CONCURRENCY
         }
-        huey: dict[str, Callable[[], float]] = {
-            f"{n} {kind}s": partial(drain_huey, bench, jobs, kind, n) for kind, n in HUEY_WORKERS
+        huey: dict[str, Callable[[], Drain]] = {
+            label: partial(drain_huey, bench, jobs, kind, n) for kind, n, label in HUEY_WORKERS
         }
         runs = {**ours, **huey}
         names = alternate(list(ours), list(huey))
@@ -93,14 +102,13 @@ def row_drain(workdir: Path, *, jobs: int, repeats: int) -> list[Row]:
     ours_results = {name: results[name] for name in ours}
     huey_results = {name: results[name] for name in huey}
     ours_best, huey_best = _best(ours_results), _best(huey_results)
-    ratio = ratios(ours_results[ours_best], huey_results[huey_best])
+    ratio = ratios([d.rate for d in ours_results[ours_best]], [d.rate for d in huey_results[huey_best]])
     return [
         Row(
             "3",
             f"drain {jobs:,} waiting diag.noop jobs, first take to last done, each side at its best configuration",
-            f"{ours_best}: {Summary.of(ours_results[ours_best]).fmt('jobs/s')}{_others(ours_results, ours_best)}",
-            f"plain Huey, {huey_best}: {Summary.of(huey_results[huey_best]).fmt('jobs/s')}"
-            f"{_others(huey_results, huey_best)}",
+            "one `queue-service worker`, " + _cell(ours_results, ours_best),
+            "plain Huey consumer, " + _cell(huey_results, huey_best),
             ratio.fmt("x"),
             ">= 4x",
             verdict(ratio, 4.0),
