@@ -88,6 +88,30 @@ shared and noisy: compare ratios, not absolute figures, across runs.
 """
 
 
+ROWS_TEXT = """\
+1. Unary `Enqueue` (diag.noop, payload {"n": 1}) at 1 and 16 calls in flight
+   against a bare grpc.aio echo server sent the same request bytes with the
+   same server options; "server CPU" is the server process's CPU per call.
+2. `EnqueueBatch` of 1,000 jobs per call (requests built per call) against plain
+   Huey (`RedisHuey`, its default pickle setup) enqueueing the same payloads by
+   calling the task once per job on the same Redis; 2b, for scale, against
+   Huey's messages pushed in pipelines (not something Huey's API does).
+3. Draining 20,000 waiting diag.noop jobs by one `queue-service worker` (service
+   defaults: records, retention, timings stream, per-minute figures, reliable
+   take; rate limit off) against plain Huey's consumer on the same Redis, each
+   at its best of a few concurrencies. CPU per job splits Redis's share from the
+   rest of the machine's (mostly the workers).
+4. `GetStats` / `GetPerformance` latency, one call in flight, on queues holding
+   0, 100,000 and 1,000,000 waiting jobs in one Redis, measured interleaved.
+5. `StreamTimings` with a worker draining bursts of jobs: delivery latency (job
+   finish time to receipt) with 10 subscribers against 1; events/s delivered
+   against 10 x the jobs finished per second; the workers' rate with 10
+   subscribers against none.
+6. Redis memory per waiting and per completed job (INFO used_memory deltas over
+   many jobs, fresh Redis) against one plain Huey queued message.
+"""
+
+
 def parse_rows(text: str) -> list[int]:
     rows = sorted({int(part) for part in text.split(",") if part.strip()})
     unknown = [row for row in rows if row not in ROWS]
@@ -119,6 +143,7 @@ def document(machine: Machine, rows: list[Row], wall: float, quick: bool) -> str
         "`--rows 1,3` picks rows.\n\n"
         f"Machine: {machine.line()}. Wall time of the run: {wall:.0f} s.\n\n"
         f"{table(rows)}\n\n"
+        f"## Rows\n\n{ROWS_TEXT}\n"
         f"## Method\n\n{METHOD}"
     )
 

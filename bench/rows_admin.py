@@ -174,12 +174,14 @@ class Subscriber:
 
 @dataclass(frozen=True)
 class FanOut:
-    """One burst: delivery latencies (s), events/s delivered to all subscribers, jobs/s finished."""
+    """One burst: delivery latencies (s), events/s delivered to all subscribers, jobs/s
+    finished, and the bench's own CPU meanwhile (cores), which receives and decodes every event."""
 
     p50: float
     p99: float
     delivered_rate: float
     finish_rate: float
+    client_cores: float
 
 
 async def _until(condition: bool, tasks: list[asyncio.Task[None]]) -> bool:
@@ -212,7 +214,7 @@ async def fan_out(bench: Bench, stub: QueueAdminServiceAsyncStub, subscribers: i
         done_before = sum(bench.finished())
         for sub in subs:
             sub.reset()
-        start = time.perf_counter()
+        start, client_cpu = time.perf_counter(), time.process_time()
         for offset in range(0, jobs, 500):
             specs = [JobSpec(queue=QUEUE, task="diag.noop", payload={"n": i}) for i in range(offset, offset + 500)]
             await producer.enqueue(specs[: jobs - offset])
@@ -232,11 +234,13 @@ async def fan_out(bench: Bench, stub: QueueAdminServiceAsyncStub, subscribers: i
         await client.aclose()
     latencies = sorted(latency for sub in subs for latency in sub.latencies)
     delivered_until = max((sub.last_received for sub in subs), default=finished)
+    client_cores = (time.process_time() - client_cpu) / (time.perf_counter() - start)
     return FanOut(
         p50=percentile(latencies, 0.5) if latencies else float("nan"),
         p99=percentile(latencies, 0.99) if latencies else float("nan"),
         delivered_rate=len(latencies) / (delivered_until - start),
         finish_rate=jobs / (finished - start),
+        client_cores=client_cores,
     )
 
 
@@ -278,7 +282,8 @@ def row_stream(workdir: Path, *, jobs: int, repeats: int, subscribers: int = 10)
         Row(
             "5b",
             titles["5b"],
-            Summary.of([x.delivered_rate for x in many]).fmt("events/s"),
+            f"{Summary.of([x.delivered_rate for x in many]).fmt('events/s')}; "
+            f"the bench's subscribers used {Summary.of([x.client_cores for x in many]).fmt('cores')}",
             Summary.of([subscribers * x.finish_rate for x in many]).fmt("events/s"),
             ratios([x.delivered_rate for x in many], [subscribers * x.finish_rate for x in many]).fmt("x"),
             "~1x (keeps up)",
