@@ -55,21 +55,24 @@ def redis_ms(client: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def held_by(client: redis.Redis, settings: Settings, group: int) -> dict[str, dict[bytes, bytes]]:
-    """The active jobs whose worker process belongs to process group `group`."""
-    keys = QueueKeys(settings.key_prefix, "default")
-    held = {}
-    locals_: list[bytes] = client.zrange(keys.active, 0, -1)  # type: ignore[assignment]
-    for local in locals_:
-        job_id = f"default:{local.decode()}"
-        record = job_hashes(settings, [job_id])[job_id]
-        pid = int(record[b"worker"].split(b":")[1])
-        try:
-            if os.getpgid(pid) == group:
-                held[job_id] = record
-        except ProcessLookupError:
-            continue
-    return held
+def group_pids(group: int) -> set[int]:
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getpgid(int(entry)) == group:
+                    pids.add(int(entry))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
+def held_by(settings: Settings, pids: set[int]) -> dict[str, dict[bytes, bytes]]:
+    """The active jobs whose worker process is one of `pids`."""
+    client = redis.Redis.from_url(settings.redis_url)
+    locals_: list[bytes] = client.zrange(QueueKeys(settings.key_prefix, "default").active, 0, -1)  # type: ignore[assignment]
+    records = job_hashes(settings, [f"default:{local.decode()}" for local in locals_])
+    return {job_id: r for job_id, r in records.items() if int(r[b"worker"].split(b":")[1]) in pids}
 
 
 def test_sigkilled_worker_loses_nothing(lc: Settings, server_factory: Any, worker_factory: StartWorker) -> None:
@@ -80,9 +83,10 @@ def test_sigkilled_worker_loses_nothing(lc: Settings, server_factory: Any, worke
     victim, survivor = worker_factory(settings), worker_factory(settings)
     wait_for(lambda: client.hlen(counter) >= 100, 60, what="100 jobs run")
     assert victim.process is not None and survivor.process is not None
-    held = held_by(client, settings, victim.process.pid)
+    victim_pids = group_pids(victim.process.pid)
     killed_at = redis_ms(client)
     victim.kill_group()
+    held = held_by(settings, victim_pids)
     assert held, "the victim held no job when it was killed"
 
     wait_all(settings, job_ids, "COMPLETED", timeout=90)
