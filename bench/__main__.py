@@ -129,7 +129,7 @@ def run_row(number: int, workdir: Path, sizes: Sizes) -> tuple[list[Row], bool]:
         rows = runner(workdir / f"row{number}", sizes)
     except Exception as exc:
         traceback.print_exc()
-        first_line = (str(exc).splitlines() or [""])[0]
+        first_line = (str(exc).splitlines() or [""])[0][:200]
         return [Row.unavailable(str(number), name, f"failed: {type(exc).__name__}: {first_line}")], False
     log(f"row {number}: done in {time.monotonic() - start:.0f} s")
     return rows, True

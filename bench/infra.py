@@ -37,10 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "bench"
 QUEUE = "default"
 LOOPBACK = "127.0.0.1"
-# Rate limiting would cap every drain at the limit; the benchmarks measure the
-# machinery, so it is off. Passed as a variable (not a Settings field) so the
-# bench runs on a service with or without the setting.
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The rate limit (100 jobs/min by default) would cap every drain; the bench
+# measures the machinery, so it is off. Applied after the Settings-derived
+# variables, so it wins over Settings' default.
 EXTRA_ENV = {"QUEUE_RATE_LIMIT_MAX": "0"}
 
 
