@@ -23,6 +23,8 @@ def test_defaults_match_the_design() -> None:
     assert settings.max_payload_bytes == 1024 * 1024
     assert settings.max_batch_size == 1000
     assert settings.queues == ("default",)
+    assert (settings.rate_limit_max, settings.rate_limit_window) == (100, 60)
+    assert settings.max_stalls == 2
 
 
 def test_prod_concurrency_and_overrides() -> None:
@@ -55,6 +57,9 @@ def test_prod_concurrency_and_overrides() -> None:
         ("QUEUE_REDIS_URL", "http://localhost"),
         ("QUEUE_QUEUES", "ok,not ok"),
         ("QUEUE_DIAG_TASKS", "maybe"),
+        ("QUEUE_RATE_LIMIT_MAX", "-1"),
+        ("QUEUE_PREFETCH", "0"),
+        ("QUEUE_STALL_INTERVAL", "0"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
