@@ -103,10 +103,10 @@ ROWS_TEXT = """\
    rest of the machine's (mostly the workers).
 4. `GetStats` / `GetPerformance` latency, one call in flight, on queues holding
    0, 100,000 and 1,000,000 waiting jobs in one Redis, measured interleaved.
-5. `StreamTimings` with a worker draining bursts of jobs: delivery latency (job
-   finish time to receipt) with 10 subscribers against 1; events/s delivered
-   against 10 x the jobs finished per second; the workers' rate with 10
-   subscribers against none.
+5. `StreamTimings` with a worker running diag.noop jobs: delivery latency (job
+   finish time to receipt) at a steady 200 jobs/s, 10 subscribers against 1;
+   with bursts of jobs, events/s delivered to 10 subscribers against 10 x the
+   jobs finished per second, and the workers' rate against no subscriber.
 6. Redis memory per waiting and per completed job (INFO used_memory deltas over
    many jobs, fresh Redis) against one plain Huey queued message.
 """
