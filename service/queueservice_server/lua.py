@@ -87,7 +87,7 @@ return {ARGV[1], 0, now}
 # KEYS: waiting, active, limiter, counters, failed
 # ARGV: count, lease_ms, worker_id, job_prefix, limit_max, limit_window_ms,
 #       limit_slack_ms, keep_failed
-# Returns {now, wait_ms, local_1, msg_1, ready_at_1, ..., local_n, msg_n, ready_at_n}.
+# Returns {now, wait_ms, then per job: local id, msg, ready_at, attempt}.
 TAKE = (
     _NOW
     + """
@@ -110,24 +110,32 @@ local ids = redis.call('ZRANGE', KEYS[1], 0, count - 1)
 local out = {now, 0}
 if #ids == 0 then return out end
 redis.call('ZREM', KEYS[1], unpack(ids))
+local leases, takes = {}, {}
+local until_ms = now + tonumber(ARGV[2])
 for _, id in ipairs(ids) do
   local key = ARGV[4] .. id
   local job = redis.call('HMGET', key, 'msg', 'ready_at')
   if job[1] then
-    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
+    leases[#leases + 1] = until_ms
+    leases[#leases + 1] = id
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'state', 'ACTIVE', 'started_at', now, 'worker', ARGV[3])
-    redis.call('HDEL', key, 'finished_at')
-    if limit > 0 then redis.call('ZADD', KEYS[3], now, id .. ':' .. attempt) end
+    redis.call('HSET', key, 'state', 'ACTIVE', 'started_at', now, 'worker', ARGV[3], 'finished_at', '')
+    if limit > 0 then
+      takes[#takes + 1] = now
+      takes[#takes + 1] = id .. ':' .. attempt
+    end
     out[#out + 1] = id
     out[#out + 1] = job[1]
     out[#out + 1] = job[2] or now
+    out[#out + 1] = attempt
   else
     redis.call('HSET', key, 'task', '', 'enqueued_at', now, 'attempts', 0)
     fail(key, id, KEYS[5], 'no job record: a member was written into the waiting set by hand',
       tonumber(ARGV[8]), KEYS[4], ARGV[4])
   end
 end
+if #leases > 0 then redis.call('ZADD', KEYS[2], unpack(leases)) end
+if #takes > 0 then redis.call('ZADD', KEYS[3], unpack(takes)) end
 return out
 """
 )
@@ -148,37 +156,43 @@ SETTLE = (
     + """
 local prefix = ARGV[1]
 local n = tonumber(ARGV[8])
-local held = 0
-local i = 9
-for _ = 1, n do
-  local id, outcome, start, finish, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local msg, due, task, wait = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], tonumber(ARGV[i + 8])
-  i = i + 9
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    held = held + 1
-    local key = prefix .. id
-    redis.call('HSET', key, 'started_at', start, 'finished_at', finish, 'error', err)
-    if outcome == 'COMPLETED' then
-      redis.call('HSET', key, 'state', 'COMPLETED')
-      redis.call('ZADD', KEYS[2], finish, id)
-    elseif outcome == 'FAILED' then
-      redis.call('HSET', key, 'state', 'FAILED')
-      redis.call('ZADD', KEYS[3], finish, id)
-    else
-      redis.call('HSET', key, 'msg', msg)
-      if due > now then
-        redis.call('HSET', key, 'state', 'DELAYED', 'due_at', due)
-        redis.call('ZADD', KEYS[4], due, id)
-      else
-        to_waiting(KEYS[5], KEYS[6], key, id, nil)
-      end
-    end
-    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'seq', redis.call('HINCRBY', KEYS[6], 'timings', 1),
-      'job', id, 'task', task, 'outcome', outcome,
-      'attempt', redis.call('HGET', key, 'attempts') or '0', 'wait', wait, 'proc', finish - start,
-      'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
-  end
+local width = 10
+-- First the acks, so the stream entries of this batch can be numbered in one step.
+local held = {}
+for k = 0, n - 1 do
+  if redis.call('ZREM', KEYS[1], ARGV[9 + k * width]) == 1 then held[#held + 1] = k end
 end
+local seq = 0
+if #held > 0 then seq = redis.call('HINCRBY', KEYS[6], 'timings', #held) - #held end
+local done = {}
+for _, k in ipairs(held) do
+  local i = 9 + k * width
+  local id, outcome, start, finish, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local msg, due, task, wait, attempt = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+  local key = prefix .. id
+  if outcome == 'COMPLETED' then
+    redis.call('HSET', key, 'state', 'COMPLETED', 'started_at', start, 'finished_at', finish, 'error', err)
+    done[#done + 1] = finish
+    done[#done + 1] = id
+  elseif outcome == 'FAILED' then
+    redis.call('HSET', key, 'state', 'FAILED', 'started_at', start, 'finished_at', finish, 'error', err)
+    redis.call('ZADD', KEYS[3], finish, id)
+  else
+    redis.call('HSET', key, 'msg', msg, 'started_at', start, 'finished_at', finish, 'error', err)
+    if due > now then
+      redis.call('HSET', key, 'state', 'DELAYED', 'due_at', due)
+      redis.call('ZADD', KEYS[4], due, id)
+    else
+      to_waiting(KEYS[5], KEYS[6], key, id, nil)
+    end
+  end
+  seq = seq + 1
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'seq', seq, 'job', id, 'task', task,
+    'outcome', outcome, 'attempt', attempt, 'wait', wait, 'proc', finish - start,
+    'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
+end
+if #done > 0 then redis.call('ZADD', KEYS[2], unpack(done)) end
+local i = 9 + n * width
 retain(KEYS[2], tonumber(ARGV[3]), KEYS[6], 'evicted_completed', prefix)
 retain(KEYS[3], tonumber(ARGV[4]), KEYS[6], 'evicted_failed', prefix)
 local minute = ARGV[2] .. math.floor(now / 60000)
@@ -197,7 +211,7 @@ while i < #ARGV do
   i = i + 2
 end
 redis.call('EXPIRE', minute, ARGV[6])
-return held
+return #held
 """
 )
 

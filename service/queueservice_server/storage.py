@@ -57,6 +57,7 @@ class Taken:
     keys: QueueKeys
     local_id: str
     ready_ms: int
+    attempt: int
     take_ms: int
     take_mono: float
     task: str = ""
@@ -152,9 +153,9 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             if wait_ms:
                 self._not_before = mono + wait_ms / 1000
                 break
-            for i in range(2, len(reply), 3):
+            for i in range(2, len(reply), 4):
                 local = reply[i].decode()
-                taken = Taken(f"{keys.queue}:{local}", keys, local, int(reply[i + 2]), now_ms, mono)
+                taken = Taken(f"{keys.queue}:{local}", keys, local, int(reply[i + 2]), int(reply[i + 3]), now_ms, mono)
                 self._held[taken.job_id] = taken
                 self._buffer.append((taken, reply[i + 1]))
             if self._buffer:
@@ -213,6 +214,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             local_id=taken.local_id,
             task=taken.task,
             outcome=outcome,
+            attempt=taken.attempt,
             ready_ms=taken.ready_ms,
             start_ms=taken.redis_ms(start),
             finish_ms=finish_ms,

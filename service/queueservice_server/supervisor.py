@@ -121,6 +121,7 @@ class Supervisor:
             local_id=local,
             task=fields.get(b"task", b"").decode(),
             outcome=Outcome.FAILED if retry is None else Outcome.RETRY,
+            attempt=int(fields.get(b"attempts", b"0")),
             ready_ms=int(fields.get(b"ready_at", b"0")),
             start_ms=int(fields.get(b"started_at", str(now_ms).encode())),
             finish_ms=now_ms,

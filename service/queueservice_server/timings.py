@@ -58,6 +58,7 @@ class Attempt:
     local_id: str
     task: str
     outcome: Outcome
+    attempt: int
     ready_ms: int
     start_ms: int
     finish_ms: int
@@ -75,7 +76,7 @@ class Attempt:
         return max(0, self.finish_ms - self.start_ms)
 
 
-ATTEMPT_FIELDS = 9
+ATTEMPT_FIELDS = 10
 
 
 def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
@@ -90,6 +91,7 @@ def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
         attempt.retry_due_ms,
         attempt.task,
         attempt.wait_ms,
+        attempt.attempt,
     ]
 
 
