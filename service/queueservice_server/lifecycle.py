@@ -7,14 +7,14 @@ take on one round trip.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
 from queueservice_server.jobs import split_job_id
 from queueservice_server.keys import QueueKeys
-from queueservice_server.scripts import Scripts
+from queueservice_server.scripts import Scripts, call, execute
 from queueservice_server.settings import Settings
 from queueservice_server.timings import Attempt, attempt_args, minute_increments
 
@@ -53,20 +53,20 @@ class Lifecycle:
 
     def take(self, keys: QueueKeys, count: int, pipe: Any = None) -> Any:
         """Queues TAKE on `pipe` (or runs it): see lua.TAKE for the reply."""
-        limit = self.settings.rate_limit_max
-        return self.scripts.take(
-            keys=[keys.waiting, keys.active, keys.limiter, keys.counters, keys.failed],
-            args=[
+        return call(
+            self.scripts.take,
+            [keys.waiting, keys.active, keys.limiter, keys.counters, keys.failed],
+            [
                 count,
                 self.lease_ms,
                 self.worker_id,
                 keys.job_prefix,
-                limit,
+                self.settings.rate_limit_max,
                 int(self.settings.rate_limit_window * 1000),
                 LIMIT_SLACK_MS,
                 self.settings.keep_failed,
             ],
-            client=pipe or self.client,
+            pipe,
         )
 
     def settle(self, keys: QueueKeys, attempts: list[Attempt], pipe: Any = None) -> Any:
@@ -85,18 +85,11 @@ class Lifecycle:
             args += attempt_args(attempt)
         increments, maxima = minute_increments(attempts)
         args += maxima + increments
-        return self.scripts.settle(
-            keys=[
-                keys.active,
-                keys.completed,
-                keys.failed,
-                keys.delayed,
-                keys.waiting,
-                keys.counters,
-                keys.timings,
-            ],
-            args=args,
-            client=pipe or self.client,
+        return call(
+            self.scripts.settle,
+            [keys.active, keys.completed, keys.failed, keys.delayed, keys.waiting, keys.counters, keys.timings],
+            args,
+            pipe,
         )
 
     def hand_back(self, job_ids: Iterable[str]) -> int:
@@ -122,19 +115,26 @@ class Lifecycle:
         grouped = self.by_queue(job_ids)
         if not grouped:
             return
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for keys, locals_ in grouped.items():
-                self.scripts.renew(keys=[keys.active], args=[self.lease_ms, *locals_], client=pipe)
-            pipe.execute()
+                call(self.scripts.renew, [keys.active], [self.lease_ms, *locals_], pipe)
+
+        self.execute(build)
 
     def promote(self) -> None:
         """Moves every due delayed job to waiting (atomically per queue)."""
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for keys in self.keys.values():
-                self.scripts.promote(
-                    keys=[keys.delayed, keys.waiting, keys.counters], args=[keys.job_prefix, PROMOTE_BATCH], client=pipe
-                )
-            pipe.execute()
+                promote_keys = [keys.delayed, keys.waiting, keys.counters]
+                call(self.scripts.promote, promote_keys, [keys.job_prefix, PROMOTE_BATCH], pipe)
+
+        self.execute(build)
+
+    def execute(self, build: Callable[[Any], None]) -> list[Any]:
+        """Runs a pipeline of script calls in one round trip (see scripts.execute)."""
+        return execute(self.client, self.scripts, build)
 
     def now_ms(self) -> int:
         seconds, micros = self.client.time()

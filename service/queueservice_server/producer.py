@@ -15,7 +15,7 @@ import redis.asyncio
 from queueservice_server.codec import MessageDecodeError, decode_message, encode_message, fresh_message
 from queueservice_server.jobs import JobRecord, new_job_id, split_job_id
 from queueservice_server.keys import QueueKeys
-from queueservice_server.scripts import Scripts
+from queueservice_server.scripts import Scripts, call, execute_async
 from queueservice_server.settings import Settings
 
 
@@ -60,46 +60,52 @@ class Producer:
         return QueueKeys(self.settings.key_prefix, queue)
 
     async def enqueue(self, specs: Sequence[JobSpec]) -> list[Enqueued]:
-        idempotency_ttl_ms = int(self.settings.idempotency_window * 1000)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for spec in specs:
-                keys = self.keys(spec.queue)
-                job_id = new_job_id(spec.queue)
-                local = job_id.rpartition(":")[2]
-                msg = encode_message(
-                    job_id=job_id,
-                    task=spec.task,
-                    payload=spec.payload,
-                    retries=spec.max_attempts - 1,
-                    retry_delay=spec.retry_delay,
-                    retry_backoff=spec.retry_backoff,
-                    timeout=spec.timeout,
-                )
-                script_keys = [keys.waiting, keys.delayed, keys.counters, keys.job(local)]
-                if spec.idempotency_key:
-                    script_keys.append(keys.idempotency(spec.idempotency_key))
-                await self.scripts.enqueue(
-                    keys=script_keys,
-                    args=[
-                        local,
-                        msg,
-                        spec.task,
-                        spec.priority,
-                        spec.delay_ms,
-                        spec.due_at_ms,
-                        spec.max_attempts,
-                        int(spec.timeout * 1000),
-                        idempotency_ttl_ms,
-                        spec.idempotency_key,
-                        keys.job_prefix,
-                    ],
-                    client=pipe,
-                )
-            replies = await pipe.execute()
+        calls = [self._enqueue_call(spec) for spec in specs]
+        if len(calls) == 1:
+            replies = [await self.scripts.enqueue(keys=calls[0][0], args=calls[0][1])]
+        else:
+
+            def build(pipe: Any) -> None:
+                for keys, args in calls:
+                    call(self.scripts.enqueue, keys, args, pipe)
+
+            replies = await execute_async(self.client, self.scripts, build)
         return [
             Enqueued(job_id=f"{spec.queue}:{local.decode()}", enqueued_at_ms=int(at), deduplicated=bool(dedup))
             for spec, (local, dedup, at) in zip(specs, replies, strict=True)
         ]
+
+    def _enqueue_call(self, spec: JobSpec) -> tuple[list[str], list[Any]]:
+        """The ENQUEUE script's keys and arguments for one new job."""
+        keys = self.keys(spec.queue)
+        job_id = new_job_id(spec.queue)
+        local = job_id.rpartition(":")[2]
+        msg = encode_message(
+            job_id=job_id,
+            task=spec.task,
+            payload=spec.payload,
+            retries=spec.max_attempts - 1,
+            retry_delay=spec.retry_delay,
+            retry_backoff=spec.retry_backoff,
+            timeout=spec.timeout,
+        )
+        script_keys = [keys.waiting, keys.delayed, keys.counters, keys.job(local)]
+        if spec.idempotency_key:
+            script_keys.append(keys.idempotency(spec.idempotency_key))
+        args = [
+            local,
+            msg,
+            spec.task,
+            spec.priority,
+            spec.delay_ms,
+            spec.due_at_ms,
+            spec.max_attempts,
+            int(spec.timeout * 1000),
+            int(self.settings.idempotency_window * 1000),
+            spec.idempotency_key,
+            keys.job_prefix,
+        ]
+        return script_keys, args
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         parts = split_job_id(job_id)

@@ -1,9 +1,19 @@
-"""The Lua scripts bound to one Redis client (sync or async)."""
+"""The Lua scripts bound to one Redis client (sync or async), and how to run them in pipelines.
+
+redis-py checks every script of a pipeline with SCRIPT EXISTS before each
+execute, which costs a round trip per pipeline; here pipelines queue EVALSHA
+directly and load the scripts only when Redis answers NOSCRIPT (a restarted
+or flushed server), then run the pipeline once more. Every script is
+idempotent against its job's set membership, so a repeat changes no job.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from queueservice_server import lua
 
@@ -22,7 +32,7 @@ class Scripts:
 
     @classmethod
     def bind(cls, client: Any) -> Scripts:
-        """`client.register_script` for every script: redis-py runs EVALSHA and loads on NOSCRIPT."""
+        """`client.register_script` for every script: a direct call runs EVALSHA and loads on NOSCRIPT."""
         return cls(
             enqueue=client.register_script(lua.ENQUEUE),
             take=client.register_script(lua.TAKE),
@@ -34,3 +44,47 @@ class Scripts:
             retry_failed=client.register_script(lua.RETRY_FAILED),
             heartbeat=client.register_script(lua.HEARTBEAT),
         )
+
+    def texts(self) -> list[str]:
+        return [getattr(self, f.name).script for f in fields(self)]
+
+
+def call(script: Any, keys: Sequence[Any], args: Sequence[Any], pipe: Any = None) -> Any:
+    """Runs `script` (when `pipe` is None) or queues it on `pipe` without redis-py's script check."""
+    if pipe is None:
+        return script(keys=keys, args=args)
+    return pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def execute(client: Any, scripts: Scripts, build: Callable[[Any], None]) -> list[Any]:
+    """Builds a pipeline with `build` and runs it, loading the scripts once if Redis lost them."""
+    for attempt in range(2):
+        with client.pipeline(transaction=False) as pipe:
+            build(pipe)
+            try:
+                replies: list[Any] = pipe.execute()
+                return replies
+            except NoScriptError:
+                if attempt:
+                    raise
+                for text in scripts.texts():
+                    client.script_load(text)
+    raise AssertionError("unreachable")
+
+
+async def execute_async(client: Any, scripts: Scripts, build: Callable[[Any], Awaitable[None] | None]) -> list[Any]:
+    """`execute` for redis.asyncio clients."""
+    for attempt in range(2):
+        async with client.pipeline(transaction=False) as pipe:
+            built = build(pipe)
+            if built is not None:
+                await built
+            try:
+                replies: list[Any] = await pipe.execute()
+                return replies
+            except NoScriptError:
+                if attempt:
+                    raise
+                for text in scripts.texts():
+                    await client.script_load(text)
+    raise AssertionError("unreachable")

@@ -139,11 +139,13 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         # Pending outcomes are dropped only once Redis has them: an outage loses none.
         settled = self._pending
         for index, keys in enumerate(core.keys.values()):
-            with core.client.pipeline(transaction=False) as pipe:
-                if index == 0:
+
+            def build(pipe: Any, first: bool = index == 0, keys: QueueKeys = keys) -> None:
+                if first:
                     self._queue_settles(pipe, settled)
                 core.take(keys, count, pipe)
-                replies = pipe.execute()
+
+            replies = core.execute(build)
             mono = time.monotonic()
             if index == 0:
                 self._pending = []
@@ -177,9 +179,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
 
     def _flush(self) -> None:
         settled = self._pending
-        with self.core.client.pipeline(transaction=False) as pipe:
-            self._queue_settles(pipe, settled)
-            pipe.execute()
+        self.core.execute(lambda pipe: self._queue_settles(pipe, settled))
         self._pending = []
         self._settled(settled)
         self._publish_held()
