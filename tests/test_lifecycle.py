@@ -194,3 +194,21 @@ def test_bytes_written_into_the_queue_by_hand_fail_clearly(
     assert records[f"default:{pickled}"][b"error"].startswith(b"cannot run this job: MessageDecodeError")
     assert client.zscore(keys.failed, "not-even-an-id") is not None
     assert not marker.exists()
+
+
+def test_scripts_lost_by_redis_are_loaded_again(lc: Settings, server_factory: Any, worker_factory: StartWorker) -> None:
+    """A Redis restarted without its script cache answers NOSCRIPT; pipelines load the scripts and go on."""
+    stub = stub_for(server_factory(lc))
+    worker_factory(lc)
+    first = [
+        r.job_id
+        for r in stub.EnqueueBatch(queue_service_pb2.EnqueueBatchRequest(jobs=[request("diag.noop")] * 3)).results
+    ]
+    wait_all(lc, first, "COMPLETED", timeout=10)
+    redis.Redis.from_url(lc.redis_url).script_flush()
+    again = [
+        r.job_id
+        for r in stub.EnqueueBatch(queue_service_pb2.EnqueueBatchRequest(jobs=[request("diag.noop")] * 3)).results
+    ]
+    again.append(stub.Enqueue(request("diag.noop")).job_id)
+    wait_all(lc, again, "COMPLETED", timeout=10)
