@@ -10,7 +10,13 @@ from huey.registry import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from queueservice_server.codec import MessageDecodeError, MsgpackSerializer, decode_message, encode_message
+from queueservice_server.codec import (
+    MessageDecodeError,
+    MsgpackSerializer,
+    decode_message,
+    encode_message,
+    huey_message,
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(),
@@ -21,7 +27,6 @@ json_values = st.recursive(
 
 @given(payload=st.dictionaries(st.text(), json_values, max_size=5), retries=st.integers(0, 99))
 def test_round_trip_through_huey_serializer(payload: dict[str, Any], retries: int) -> None:
-    serializer = MsgpackSerializer()
     message = Message(
         id="default:" + "a" * 32,
         name="diag.noop",
@@ -32,12 +37,22 @@ def test_round_trip_through_huey_serializer(payload: dict[str, Any], retries: in
         timeout=300.0,
         retry_backoff=2.0,
     )
-    back = serializer.deserialize(serializer.serialize(message))
+    back = huey_message(message.id, message.name, MsgpackSerializer().serialize(message))
     assert back.id == message.id
     assert back.name == "diag.noop"
     assert back.args == (payload,)
     assert (back.retries, back.retry_delay, back.timeout, back.retry_backoff) == (retries, 2.0, 300.0, 2.0)
     assert back.eta is None
+
+
+def test_small_payload_fits_a_compact_redis_hash_value() -> None:
+    msg = encode_message(payload={"submission": 123456}, retries=2, retry_delay=2.0, retry_backoff=2.0, timeout=300.0)
+    assert len(msg) <= 64  # Redis's hash-max-listpack-value: compact encoding
+
+
+def test_huey_never_decodes_with_pickle() -> None:
+    with pytest.raises(TypeError):
+        MsgpackSerializer().deserialize(b"\x80\x04K\x01.")
 
 
 @given(st.binary(max_size=200))
@@ -47,7 +62,7 @@ def test_arbitrary_bytes_never_decode_into_a_task(data: bytes) -> None:
     except MessageDecodeError:
         return
     # Only a well-formed message of our format may decode.
-    assert isinstance(fields["id"], str) and isinstance(fields["payload"], dict)
+    assert isinstance(fields["payload"], dict) and isinstance(fields["retries"], int)
 
 
 def test_pickle_is_rejected() -> None:
@@ -58,9 +73,9 @@ def test_pickle_is_rejected() -> None:
 
 
 def test_wrong_version_and_shape_are_rejected() -> None:
-    good = encode_message(job_id="q:1", task="t", payload={}, retries=0, retry_delay=0, retry_backoff=0, timeout=None)
-    assert decode_message(good)["task"] == "t"
-    for bad in ([2, "q:1", "t", {}, 0, 0, 0, None], [1, "q:1", "t", [], 0, 0, 0, None], {"id": "x"}):
+    good = encode_message(payload={"a": 1}, retries=0, retry_delay=0, retry_backoff=0, timeout=None)
+    assert decode_message(good)["payload"] == {"a": 1}
+    for bad in ([1, {}, 0, 0, 0, None], [2, [], 0, 0, 0, None], [2, {}, "x", 0, 0, None], [2, {}, 0, 0, 0, "y"]):
         with pytest.raises(MessageDecodeError):
             decode_message(msgpack.packb(bad))
 

@@ -1,8 +1,12 @@
 """The task message format: msgpack, never pickle.
 
-Huey hands its storage opaque bytes; ours are a msgpack list, so anyone who
-can write to Redis can at worst make a message fail to decode, never run code.
-A message carries no due time: scheduling lives in Redis, on the Redis clock.
+A message holds what an attempt needs besides what the job record already
+holds (the job id is the record's key; the task name is its `task` field):
+payload and retry policy. Kept this small, a job record stays under Redis's
+64-byte limit for compact hash values, which makes a waiting job about four
+times smaller in memory. Anyone who can write to Redis can at worst make a
+message fail to decode, never run code. A message carries no due time:
+scheduling lives in Redis, on the Redis clock.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import msgpack
 from huey.registry import Message
 from huey.serializer import Serializer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class MessageDecodeError(ValueError):
@@ -28,54 +32,23 @@ def to_timestamp(value: datetime.datetime | None) -> float | None:
     return calendar.timegm(value.utctimetuple()) + value.microsecond / 1e6
 
 
-class MsgpackSerializer(Serializer):  # type: ignore[misc]
-    """Huey serializer for our messages: the fields a job needs, as msgpack."""
-
-    def _serialize(self, data: Message) -> bytes:
-        if data.on_complete or data.on_error or data.chord_config:
-            raise ValueError("task pipelines (then/error/chord) are not supported by the queue service")
-        return encode_message(
-            job_id=data.id,
-            task=data.name,
-            payload=data.args[0] if data.args else {},
-            retries=data.retries or 0,
-            retry_delay=data.retry_delay or 0,
-            retry_backoff=data.retry_backoff or 0,
-            timeout=data.timeout,
-        )
-
-    def _deserialize(self, data: bytes) -> Message:
-        fields = decode_message(data)
-        return Message(
-            id=fields["id"],
-            name=fields["task"],
-            retries=fields["retries"],
-            retry_delay=fields["retry_delay"],
-            args=(fields["payload"],),
-            kwargs={},
-            timeout=fields["timeout"],
-            retry_backoff=fields["retry_backoff"],
-        )
+def _compact(value: float | None) -> float | int | None:
+    """Whole seconds pack as small ints rather than 9-byte floats."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def encode_message(
-    *,
-    job_id: str,
-    task: str,
-    payload: dict[str, Any],
-    retries: int,
-    retry_delay: float,
-    retry_backoff: float,
-    timeout: float | None,
+    *, payload: dict[str, Any], retries: int, retry_delay: float, retry_backoff: float, timeout: float | None
 ) -> bytes:
     packed: bytes = msgpack.packb(
-        [FORMAT_VERSION, job_id, task, payload, retries, retry_delay, retry_backoff, timeout],
+        [FORMAT_VERSION, payload, retries, _compact(retry_delay), _compact(retry_backoff), _compact(timeout)],
         use_bin_type=True,
     )
     return packed
 
 
-_FIELDS = ("id", "task", "payload", "retries", "retry_delay", "retry_backoff", "timeout")
+_FIELDS = ("payload", "retries", "retry_delay", "retry_backoff", "timeout")
+_NUMBER = (int, float)
 
 
 def decode_message(data: bytes) -> dict[str, Any]:
@@ -86,17 +59,54 @@ def decode_message(data: bytes) -> dict[str, Any]:
     if not isinstance(items, list) or len(items) != len(_FIELDS) + 1 or items[0] != FORMAT_VERSION:
         raise MessageDecodeError(f"not a task message of format version {FORMAT_VERSION}")
     fields = dict(zip(_FIELDS, items[1:], strict=True))
-    if not isinstance(fields["id"], str) or not isinstance(fields["task"], str):
-        raise MessageDecodeError("task message has no job id or task name")
     if not isinstance(fields["payload"], dict):
         raise MessageDecodeError("task message payload is not a map")
+    if not isinstance(fields["retries"], int) or not all(
+        isinstance(fields[name], _NUMBER) for name in ("retry_delay", "retry_backoff")
+    ):
+        raise MessageDecodeError("task message retry policy is not numeric")
+    if fields["timeout"] is not None and not isinstance(fields["timeout"], _NUMBER):
+        raise MessageDecodeError("task message timeout is not numeric")
     return fields
+
+
+def huey_message(job_id: str, task: str, data: bytes) -> Message:
+    """The Huey message for one attempt of job `job_id` of `task`."""
+    fields = decode_message(data)
+    return Message(
+        id=job_id,
+        name=task,
+        retries=fields["retries"],
+        retry_delay=fields["retry_delay"],
+        args=(fields["payload"],),
+        kwargs={},
+        timeout=fields["timeout"],
+        retry_backoff=fields["retry_backoff"],
+    )
+
+
+class MsgpackSerializer(Serializer):  # type: ignore[misc]
+    """Huey serializer for our messages. Huey serializes a task it retries; it never
+    deserializes one here: the worker builds messages with `huey_message`, from the record."""
+
+    def _serialize(self, data: Message) -> bytes:
+        if data.on_complete or data.on_error or data.chord_config:
+            raise ValueError("task pipelines (then/error/chord) are not supported by the queue service")
+        return encode_message(
+            payload=data.args[0] if data.args else {},
+            retries=data.retries or 0,
+            retry_delay=data.retry_delay or 0,
+            retry_backoff=data.retry_backoff or 0,
+            timeout=data.timeout,
+        )
+
+    def _deserialize(self, data: bytes) -> Message:
+        # Huey's default here is pickle.loads: make sure nothing ever reaches it.
+        raise TypeError("queue messages are decoded with codec.huey_message, never by Huey")
 
 
 def _reencode(fields: dict[str, Any], retries: int, retry_delay: float) -> bytes:
     return encode_message(
-        job_id=fields["id"],
-        task=fields["task"],
         payload=fields["payload"],
         retries=retries,
         retry_delay=retry_delay,

@@ -87,7 +87,7 @@ return {ARGV[1], 0, now}
 # KEYS: waiting, active, limiter, counters, failed
 # ARGV: count, lease_ms, worker_id, job_prefix, limit_max, limit_window_ms,
 #       limit_slack_ms, keep_failed
-# Returns {now, wait_ms, then per job: local id, msg, ready_at, attempt}.
+# Returns {now, wait_ms, then per job: local id, msg, ready_at, attempt, task}.
 TAKE = (
     _NOW
     + """
@@ -114,7 +114,7 @@ local leases, takes = {}, {}
 local until_ms = now + tonumber(ARGV[2])
 for _, id in ipairs(ids) do
   local key = ARGV[4] .. id
-  local job = redis.call('HMGET', key, 'msg', 'ready_at')
+  local job = redis.call('HMGET', key, 'msg', 'ready_at', 'task')
   if job[1] then
     leases[#leases + 1] = until_ms
     leases[#leases + 1] = id
@@ -128,6 +128,7 @@ for _, id in ipairs(ids) do
     out[#out + 1] = job[1]
     out[#out + 1] = job[2] or now
     out[#out + 1] = attempt
+    out[#out + 1] = job[3] or ''
   else
     redis.call('HSET', key, 'task', '', 'enqueued_at', now, 'attempts', 0)
     fail(key, id, KEYS[5], 'no job record: a member was written into the waiting set by hand',

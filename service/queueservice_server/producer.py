@@ -81,8 +81,6 @@ class Producer:
         job_id = new_job_id(spec.queue)
         local = job_id.rpartition(":")[2]
         msg = encode_message(
-            job_id=job_id,
-            task=spec.task,
             payload=spec.payload,
             retries=spec.max_attempts - 1,
             retry_delay=spec.retry_delay,

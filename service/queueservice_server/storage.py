@@ -56,11 +56,11 @@ class Taken:
     job_id: str
     keys: QueueKeys
     local_id: str
+    task: str
     ready_ms: int
     attempt: int
     take_ms: int
     take_mono: float
-    task: str = ""
     start_mono: float = 0.0
 
     def redis_ms(self, mono: float) -> int:
@@ -155,11 +155,20 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             if wait_ms:
                 self._not_before = mono + wait_ms / 1000
                 break
-            for i in range(2, len(reply), 4):
-                local = reply[i].decode()
-                taken = Taken(f"{keys.queue}:{local}", keys, local, int(reply[i + 2]), int(reply[i + 3]), now_ms, mono)
+            for i in range(2, len(reply), 5):
+                local, msg, ready, attempt, task = reply[i : i + 5]
+                taken = Taken(
+                    f"{keys.queue}:{local.decode()}",
+                    keys,
+                    local.decode(),
+                    task.decode(),
+                    int(ready),
+                    int(attempt),
+                    now_ms,
+                    mono,
+                )
                 self._held[taken.job_id] = taken
-                self._buffer.append((taken, reply[i + 1]))
+                self._buffer.append((taken, msg))
             if self._buffer:
                 break
         if not settled and not self._buffer:
@@ -190,9 +199,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         return []
 
     # -- one attempt -------------------------------------------------------
-    def started(self, job_id: str, task: str, timeout: float | None) -> None:
+    def started(self, job_id: str, timeout: float | None) -> None:
         taken = self._held[job_id]
-        taken.task = task
         taken.start_mono = time.monotonic()
         if self.slot is not None:
             limit = timeout or self.settings.default_timeout

@@ -19,7 +19,7 @@ from huey import signals as huey_signals
 from huey.consumer import Consumer, ProcessEnvironment, Worker
 from huey.registry import Registry
 
-from queueservice_server.codec import MsgpackSerializer
+from queueservice_server.codec import MsgpackSerializer, huey_message
 from queueservice_server.settings import Settings
 from queueservice_server.slots import Slot
 from queueservice_server.storage import QueueStorage, format_error
@@ -66,23 +66,19 @@ class QueueHuey(Huey):  # type: ignore[misc]
             data = storage.dequeue()
             if data is None:
                 return None
+            popped = storage.popped
+            assert popped is not None
             try:
-                task = self.deserialize_task(data)
+                return self._registry.create_task(huey_message(popped.job_id, popped.task, data))
             except Exception as exc:
                 storage.reject(f"cannot run this job: {format_error(exc)}")
-                continue
-            popped = storage.popped
-            if popped is not None and task.id != popped.job_id:
-                storage.reject(f"cannot run this job: its message names job {task.id!r}")
-                continue
-            return task
 
     def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
         """Jobs are not revoked through Huey: skip its two key lookups per job."""
         return False
 
     def _record_start(self, task: Any) -> None:
-        self.queue_storage.started(task.id, task.name, task.timeout)
+        self.queue_storage.started(task.id, task.timeout)
 
     def _record_outcome(self, task: Any, value: Any, exc: BaseException | None) -> None:
         storage = self.queue_storage
