@@ -27,10 +27,9 @@ from queueservice.errors import (
     QueueError,
     ResourceExhausted,
     Unavailable,
-    Unimplemented,
 )
 from queueservice.options import job_request
-from queueservice.v1 import job_pb2
+from queueservice.v1 import admin_service_pb2, job_pb2
 from queueservice_server.settings import Settings
 from tests.support import ROOT, WorkerProcess, wait_for
 
@@ -205,15 +204,27 @@ def test_dead_port_fails_fast() -> None:
         client.get_job("default:x")
 
 
-def test_admin_calls_are_unimplemented_for_now(client: QueueClient) -> None:
-    with pytest.raises(Unimplemented):
-        client.get_stats()
-    with pytest.raises(Unimplemented):
-        client.get_performance("default", window=datetime.timedelta(minutes=5))
+def test_admin_calls(client: QueueClient, settings: Settings, worker_factory: StartWorker) -> None:
+    assert [q.queue for q in client.get_stats().queues] == ["default", "emails"]
+    report = client.get_performance("default", window=datetime.timedelta(minutes=5))
+    assert (report.queue, len(report.throughput.history)) == ("default", 6)
+    with pytest.raises(InvalidArgument) as invalid:
+        client.get_performance(window=datetime.timedelta(seconds=1))
+    assert [field for field, _ in invalid.value.field_violations] == ["window"]
+    with pytest.raises(NotFound):
+        client.get_stats("nope")
     assert list(client.retry_failed("default", job_ids=["default:x"]).not_found_job_ids) == ["default:x"]
-    stream = client.stream_timings(last_n=10)
-    with pytest.raises(Unimplemented):
-        next(stream)
+
+    worker_factory(settings)
+    job_id = client.enqueue("diag.noop")
+    stream = client.stream_timings(last_n=10, deadline=15)
+    first = next(stream)
+    assert (first.timing.job_id, first.timing.outcome) == (job_id, admin_service_pb2.JOB_OUTCOME_COMPLETED)
+    assert first.cursor
+    stream.close()  # type: ignore[attr-defined]
+    # Resuming after the last event, with nothing new, waits live until the deadline.
+    with pytest.raises(DeadlineExceeded):
+        next(client.stream_timings(cursor=first.cursor, deadline=0.5))
 
 
 # Metadata and channels.
@@ -280,10 +291,12 @@ def test_async_client_round_trip(address: str) -> None:
             assert [field for field, _ in invalid.value.field_violations] == ["task"]
             with pytest.raises(NotFound):
                 await client.get_job("emails:does-not-exist")
-            with pytest.raises(Unimplemented):
-                await client.get_stats()
-            with pytest.raises(Unimplemented):
-                async for _ in client.stream_timings():
+            stats = await client.get_stats("emails")
+            assert [(q.queue, q.counts.waiting) for q in stats.queues] == [("emails", 2)]
+            report = await client.get_performance("emails")
+            assert report.queue == "emails" and report.health_level == admin_service_pb2.HEALTH_LEVEL_EXCELLENT
+            with pytest.raises(DeadlineExceeded):
+                async for _ in client.stream_timings("emails", last_n=5, deadline=0.5):
                     pass
 
     asyncio.run(run())

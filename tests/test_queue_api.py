@@ -254,14 +254,29 @@ def test_garbage_bytes_get_a_clear_error_and_the_server_keeps_serving(channel: g
     assert queue_stub.Enqueue(queue_service_pb2.EnqueueRequest(task="diag.noop")).job_id
 
 
-def test_admin_rpcs_answer_unimplemented(admin_stub: object) -> None:
-    stub = admin_stub
-    for call, request in [
-        ("GetStats", admin_service_pb2.GetStatsRequest()),
-        ("GetPerformance", admin_service_pb2.GetPerformanceRequest()),
-    ]:
-        error = rpc_error(lambda c=call, r=request: getattr(stub, c)(r))  # type: ignore[misc]
-        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    stream = stub.StreamTimings(admin_service_pb2.StreamTimingsRequest())  # type: ignore[attr-defined]
+def test_admin_monitoring_rpcs_answer_over_the_wire(admin_stub: Any, queue_stub: Stub) -> None:
+    queue_stub.Enqueue(queue_service_pb2.EnqueueRequest(task="diag.noop", queue="emails"))
+    stats = admin_stub.GetStats(admin_service_pb2.GetStatsRequest())
+    assert [(q.queue, q.counts.waiting) for q in stats.queues] == [("default", 0), ("emails", 1)]
+    assert all(q.health.level == admin_service_pb2.HEALTH_LEVEL_EXCELLENT for q in stats.queues)
+    (emails,) = admin_stub.GetStats(admin_service_pb2.GetStatsRequest(queue="emails")).queues
+    assert emails.counts.waiting == 1 and emails.oldest_waiting_age.ToNanoseconds() >= 0
+
+    report = admin_stub.GetPerformance(admin_service_pb2.GetPerformanceRequest(queue="default"))
+    assert report.queue == "default"
+    assert 3600 <= report.window.seconds <= 3660
+    assert report.wait_time.count == 0 and report.alerts == []
+    assert len(report.throughput.history) == 61
+    assert report.redis.used_memory_bytes > 0 and report.redis.connected_clients > 0
+
+    # A stream with nothing to send stays open, live, until the caller's deadline.
+    stream = admin_stub.StreamTimings(admin_service_pb2.StreamTimingsRequest(last_n=5), timeout=0.5)
     error = rpc_error(lambda: list(stream))
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    for call, request in [
+        ("GetStats", admin_service_pb2.GetStatsRequest(queue="nope")),
+        ("GetPerformance", admin_service_pb2.GetPerformanceRequest(queue="nope")),
+    ]:
+        error = rpc_error(lambda c=call, r=request: getattr(admin_stub, c)(r))  # type: ignore[misc]
+        assert error.code() == grpc.StatusCode.NOT_FOUND

@@ -82,6 +82,23 @@ class QueueKeys:
         """STRING idempotency key -> job id, expiring with its window."""
         return f"{self.base}:idem:{key}"
 
+    @property
+    def snapshots(self) -> str:
+        """STREAM of collector snapshots (waiting, active, delayed, completed, failed, oldest_wait_ms),
+        one per QUEUE_METRICS_INTERVAL, capped to QUEUE_METRICS_HISTORY."""
+        return f"{self.base}:snapshots"
+
+    @property
+    def histograms(self) -> str:
+        """HASH of all-time totals folded from finished minutes by the collector (the per-minute
+        fields except the maxima, plus `folded`: the last epoch minute added); Prometheus reads it."""
+        return f"{self.base}:histograms"
+
+    @property
+    def collector_lock(self) -> str:
+        """STRING held (SET NX PX) by the one server replica that collects this queue this interval."""
+        return f"{self.base}:collector"
+
 
 @dataclass(frozen=True)
 class ServiceKeys:

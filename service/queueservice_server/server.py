@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from queueservice_server.api.admin_servicer import AdminServicer
 from queueservice_server.api.interceptors import DecodeGuard
 from queueservice_server.api.queue_servicer import QueueServicer
 from queueservice_server.api.validation import Validator
+from queueservice_server.cancellation import stop_task
 from queueservice_server.health import SERVICE_NAMES, RedisHealth
+from queueservice_server.monitor.runner import Monitoring
 from queueservice_server.producer import Producer
 from queueservice_server.redis_client import async_client
 from queueservice_server.settings import Settings
@@ -51,20 +52,29 @@ class App:
     port: int
     redis: redis.asyncio.Redis
     health: RedisHealth
+    monitoring: Monitoring
     _health_task: asyncio.Task[None] | None = None
+
+    @property
+    def metrics_port(self) -> int:
+        """Where /metrics listens (0: off)."""
+        return self.monitoring.metrics_port
 
     async def start(self) -> None:
         await self.server.start()
         await self.health.check()
         self._health_task = asyncio.create_task(self.health.run())
+        await self.monitoring.start()
 
     async def stop(self, grace: float) -> None:
         await self.health.shutdown()
         if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+            await stop_task(self._health_task)
+        # Open StreamTimings calls end cleanly (their clients resume elsewhere with their cursor)
+        # before the grace period starts counting down on the unary ones.
+        await self.monitoring.end_streams()
         await self.server.stop(grace)
+        await self.monitoring.stop()
         await self.redis.aclose()
 
 
@@ -72,12 +82,14 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     """Builds (does not start) the server on `address` (default: settings), returning it with its bound port."""
     tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
     client = async_client(settings, redis_url)
-    server = grpc.aio.server(options=server_options(settings), interceptors=[DecodeGuard()])
+    monitoring = Monitoring(settings, client)
+    server = grpc.aio.server(
+        options=server_options(settings), interceptors=[DecodeGuard(), monitoring.metrics.interceptor()]
+    )
     producer, validator = Producer(settings, client), Validator(settings, tasks)
     queue_service_pb2_grpc.add_QueueServiceServicer_to_server(QueueServicer(producer, validator), server)
     admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server(
-        AdminServicer(producer, validator),  # type: ignore[abstract]  # monitoring RPCs: UNIMPLEMENTED for now
-        server,
+        AdminServicer(producer, validator, monitoring), server
     )
     health = RedisHealth(client)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
@@ -87,7 +99,7 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     port = server.add_insecure_port(address or settings.grpc_address)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_address}")
-    return App(server=server, port=port, redis=client, health=health)
+    return App(server=server, port=port, redis=client, health=health, monitoring=monitoring)
 
 
 async def serve(settings: Settings, redis_url: str, on_ready: str = "") -> None:

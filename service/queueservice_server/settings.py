@@ -65,6 +65,21 @@ class Settings:
     rate_limit_window: float = 60.0
     timings_retained: int = 10000
     metrics_history: float = 24 * 3600.0
+    # Monitoring: the collector's period, the /metrics endpoint ("" = off), GetPerformance's
+    # default window, StreamTimings' per-subscriber buffer (events).
+    metrics_interval: float = 30.0
+    metrics_address: str = ""
+    performance_window: float = 3600.0
+    stream_buffer: int = 1000
+    # Alerts look at the last `alert_window` seconds (whole minutes); thresholds as DESIGN.md says.
+    alert_window: float = 300.0
+    alert_avg_wait: float = 30.0
+    alert_avg_processing: float = 120.0
+    alert_min_throughput: float = 1.0
+    # Low throughput counts only once the oldest waiting job has waited this long.
+    alert_throughput_grace: float = 60.0
+    alert_failure_rate: float = 0.10
+    alert_backlog: int = 50
     shutdown_grace: float = 30.0
     grpc_grace: float = 10.0
     redis_pool_size: int = 50
@@ -123,6 +138,26 @@ class Settings:
             raise SettingsError("QUEUE_STALL_INTERVAL must be > 0 and QUEUE_MAX_STALLS >= 0")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("QUEUE_REDIS_URL must start with redis://, rediss:// or unix://")
+        self._validate_monitoring()
+
+    def _validate_monitoring(self) -> None:
+        if self.metrics_interval <= 0 or self.metrics_history < 60:
+            raise SettingsError("QUEUE_METRICS_INTERVAL must be > 0 and QUEUE_METRICS_HISTORY at least 60")
+        if self.metrics_address and not re.match(r"^[^\s]*:\d{1,5}$", self.metrics_address):
+            raise SettingsError("QUEUE_METRICS_ADDRESS must be host:port (port 0 = any free port) or empty (off)")
+        if not 0 < self.performance_window <= self.metrics_history:
+            raise SettingsError("QUEUE_PERFORMANCE_WINDOW must be > 0 and at most QUEUE_METRICS_HISTORY")
+        if not 0 < self.alert_window <= self.metrics_history:
+            raise SettingsError("QUEUE_ALERT_WINDOW must be > 0 and at most QUEUE_METRICS_HISTORY")
+        if self.stream_buffer < 1:
+            raise SettingsError("QUEUE_STREAM_BUFFER must be at least 1")
+        if min(self.alert_avg_wait, self.alert_avg_processing, self.alert_min_throughput) <= 0:
+            raise SettingsError("QUEUE_ALERT_AVG_WAIT, _AVG_PROCESSING and _MIN_THROUGHPUT must be > 0")
+        if self.alert_throughput_grace < 0 or self.alert_backlog < 1 or not 0 < self.alert_failure_rate <= 1:
+            raise SettingsError(
+                "QUEUE_ALERT_THROUGHPUT_GRACE must be >= 0, QUEUE_ALERT_BACKLOG >= 1, "
+                "QUEUE_ALERT_FAILURE_RATE between 0 (exclusive) and 1"
+            )
 
 
 def _optional_int(value: str) -> int | None:
@@ -161,6 +196,17 @@ _PARSERS: dict[str, Any] = {
     "rate_limit_window": float,
     "timings_retained": int,
     "metrics_history": float,
+    "metrics_interval": float,
+    "metrics_address": str.strip,
+    "performance_window": float,
+    "stream_buffer": int,
+    "alert_window": float,
+    "alert_avg_wait": float,
+    "alert_avg_processing": float,
+    "alert_min_throughput": float,
+    "alert_throughput_grace": float,
+    "alert_failure_rate": float,
+    "alert_backlog": int,
     "shutdown_grace": float,
     "grpc_grace": float,
     "redis_pool_size": int,

@@ -2,18 +2,84 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.api.errors import Context, invalid_argument, rpc
+from queueservice_server.api.errors import Context, invalid_argument, rpc, rpc_stream
+from queueservice_server.api.monitor_convert import (
+    OUTCOME_FILTERS,
+    delivery_to_proto,
+    performance_to_proto,
+    stats_to_proto,
+)
 from queueservice_server.api.validation import Validator
+from queueservice_server.monitor.runner import Monitoring
+from queueservice_server.monitor.streaming import CursorError, Filter, decode_cursor
 from queueservice_server.producer import Producer
 
 MAX_RETRY_IDS = 10_000
 
 
 class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
-    def __init__(self, producer: Producer, validator: Validator) -> None:
+    def __init__(self, producer: Producer, validator: Validator, monitoring: Monitoring) -> None:
         self.producer = producer
         self.validator = validator
+        self.monitoring = monitoring
+        self.settings = validator.settings
+
+    def _queues(self, name: str) -> tuple[str, ...]:
+        """The queue a request names, or every configured queue for an empty name."""
+        return (self.validator.queue(name),) if name else self.settings.queues
+
+    @rpc
+    async def GetStats(
+        self, request: admin_service_pb2.GetStatsRequest, context: Context
+    ) -> admin_service_pb2.GetStatsResponse:
+        stats = await self.monitoring.reports.stats(self._queues(request.queue))
+        return admin_service_pb2.GetStatsResponse(queues=[stats_to_proto(queue) for queue in stats])
+
+    @rpc
+    async def GetPerformance(
+        self, request: admin_service_pb2.GetPerformanceRequest, context: Context
+    ) -> admin_service_pb2.GetPerformanceResponse:
+        queues = self._queues(request.queue)
+        window = (
+            request.window.ToNanoseconds() / 1e9 if request.HasField("window") else self.settings.performance_window
+        )
+        history = self.settings.metrics_history
+        # Figures are kept per minute, for QUEUE_METRICS_HISTORY.
+        if not 60 <= window <= history:
+            raise invalid_argument(
+                [("window", f"must be between 60 s and QUEUE_METRICS_HISTORY ({history:g} s), got {window:g} s")]
+            )
+        report = await self.monitoring.reports.performance(queues, window)
+        return performance_to_proto(report)
+
+    @rpc_stream
+    async def StreamTimings(
+        self, request: admin_service_pb2.StreamTimingsRequest, context: Context
+    ) -> AsyncIterator[admin_service_pb2.StreamTimingsResponse]:
+        queues = self._queues(request.queue)
+        violations: list[tuple[str, str]] = []
+        if request.task and request.task not in self.validator.tasks:
+            known = ", ".join(sorted(self.validator.tasks)) or "none"
+            violations.append(("task", f"unknown task {request.task!r}; registered tasks: {known}"))
+        if request.outcome and request.outcome not in OUTCOME_FILTERS:
+            violations.append(("outcome", f"unknown outcome {request.outcome}"))
+        retained = self.settings.timings_retained
+        if not 0 <= request.last_n <= retained:
+            violations.append(("last_n", f"must be between 0 and {retained} (QUEUE_TIMINGS_RETAINED)"))
+        cursor = None
+        if request.cursor:
+            try:
+                cursor = decode_cursor(request.cursor, self.settings.queues)
+            except CursorError as exc:
+                violations.append(("cursor", f"not a cursor from this service: {exc}"))
+        if violations:
+            raise invalid_argument(violations)
+        wanted = Filter(queues, request.task, OUTCOME_FILTERS.get(request.outcome))
+        async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor):
+            yield delivery_to_proto(delivery)
 
     @rpc
     async def RetryFailed(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -76,36 +76,66 @@ async def abort(context: Context, error: ApiError) -> None:
     await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
 
 
+async def _abort_for(context: Context, name: str, exc: Exception) -> None:
+    """Ends the call with the status `exc` maps to; called from the `except` that caught it."""
+    if isinstance(exc, ApiError):
+        await abort(context, exc)
+    elif isinstance(exc, REDIS_DOWN):
+        log.warning("redis unavailable during %s: %s", name, exc)
+        error = ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the queue's Redis is unreachable; retry with backoff",
+            [_error_info("REDIS_UNAVAILABLE")],
+        )
+        await abort(context, error)
+    else:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("internal error in %s", name, extra={"error_ref": ref})
+        error = ApiError(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (reference {ref} in the server log)",
+            [_error_info("INTERNAL", reference=ref)],
+        )
+        await abort(context, error)
+
+
+def _check_body(request: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        raise invalid_argument([("request", f"the request body does not parse: {request.error}")])
+
+
 def rpc(method: Handler[R]) -> Handler[R]:
     """Maps ApiError to its status, Redis outages to UNAVAILABLE, and anything else to INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> R:
         try:
-            if isinstance(request, MalformedRequest):
-                raise invalid_argument([("request", f"the request body does not parse: {request.error}")])
+            _check_body(request)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except ApiError as exc:
-            await abort(context, exc)
-        except REDIS_DOWN as exc:
-            log.warning("redis unavailable during %s: %s", method.__name__, exc)
-            error = ApiError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the queue's Redis is unreachable; retry with backoff",
-                [_error_info("REDIS_UNAVAILABLE")],
-            )
-            await abort(context, error)
-        except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception("internal error in %s", method.__name__, extra={"error_ref": ref})
-            error = ApiError(
-                grpc.StatusCode.INTERNAL,
-                f"internal error (reference {ref} in the server log)",
-                [_error_info("INTERNAL", reference=ref)],
-            )
-            await abort(context, error)
+        except Exception as exc:
+            await _abort_for(context, method.__name__, exc)
         raise AssertionError("abort_with_status returned")
+
+    return wrapper
+
+
+StreamHandler = Callable[[Any, Any, Context], AsyncIterator[R]]
+
+
+def rpc_stream(method: StreamHandler[R]) -> StreamHandler[R]:
+    """`rpc` for server-streaming methods: the same mapping, before or after messages were sent."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Context) -> AsyncIterator[R]:
+        try:
+            _check_body(request)
+            async for response in method(self, request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(context, method.__name__, exc)
 
     return wrapper

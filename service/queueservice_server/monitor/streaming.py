@@ -1,0 +1,445 @@
+"""StreamTimings: each queue's timings STREAM, fanned out to subscribers.
+
+One reader task per queue per server (XREAD BLOCK on redis.asyncio, started by
+the queue's first subscriber, stopped with its last) offers every entry to the
+subscribers of that queue. Each subscriber has a bounded buffer: when it is
+full the oldest event goes and is counted, so a slow subscriber costs the
+reader one append, never a wait, and the workers never see it at all (they
+only XADD).
+
+A subscription starts from a position per queue: the end of the stream (live
+only), before the last N matching entries, or a cursor. It first reads the
+stream itself from there (XRANGE, exactly as far as it goes) while the reader
+already buffers new entries; then it switches to the buffer, skipping what it
+already read (stream ids only grow). If the buffer overflowed while it was
+catching up, it reads the stream again, since what was dropped is still
+there. Entries carry `seq` (1, 2, ... per queue): a jump in it while reading
+is what retention took, reported as missed_count.
+
+A cursor is the last position consumed on every subscribed queue, so any
+replica resumes it exactly where the message left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio
+
+from queueservice_server.api.errors import REDIS_DOWN
+from queueservice_server.cancellation import stop_task
+from queueservice_server.keys import QueueKeys
+from queueservice_server.settings import QUEUE_NAME_RE, Settings
+from queueservice_server.timings import Outcome
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+BLOCK_MS = 1000
+RETRY_S = 1.0
+CLOSE_WAIT_S = 1.0
+MAX_CURSOR_CHARS = 4096
+_MAX_SEQ = 2**64 - 1
+# Supervisors record a killed attempt with this error prefix (see supervisor.py), and Huey's own
+# task timeout raises TaskTimeout too.
+TIMEOUT_PREFIX = "TaskTimeout"
+
+StreamId = tuple[int, int]
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class Result(enum.StrEnum):
+    """How an attempt ended, as subscribers filter and see it."""
+
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    RETRYING = "RETRYING"
+    TIMED_OUT = "TIMED_OUT"
+
+
+def parse_id(raw: bytes | str) -> StreamId:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def id_text(stream_id: StreamId) -> str:
+    return f"{stream_id[0]}-{stream_id[1]}"
+
+
+@dataclass(frozen=True)
+class Position:
+    """The last entry consumed from one queue's stream: its stream id and its seq."""
+
+    id: StreamId
+    seq: int
+
+    def before(self) -> Position:
+        """The position just before this entry (reading from it includes the entry)."""
+        ms, seq = self.id
+        previous = (ms, seq - 1) if seq else (ms - 1, _MAX_SEQ)
+        return Position(previous, max(0, self.seq - 1))
+
+
+ORIGIN = Position((0, 0), 0)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One finished attempt from a queue's timings stream."""
+
+    queue: str
+    id: StreamId
+    seq: int
+    job: str
+    task: str
+    result: Result
+    attempt: int
+    wait_ms: int
+    proc_ms: int
+    start_ms: int
+    finish_ms: int
+
+    @property
+    def position(self) -> Position:
+        return Position(self.id, self.seq)
+
+
+def _result(outcome: str, error: str) -> Result:
+    if error.startswith(TIMEOUT_PREFIX):
+        return Result.TIMED_OUT
+    if outcome == Outcome.COMPLETED:
+        return Result.COMPLETED
+    if outcome == Outcome.RETRY:
+        return Result.RETRYING
+    return Result.FAILED
+
+
+def parse_event(queue: str, raw_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
+    def text(name: str) -> str:
+        return fields.get(name.encode(), b"").decode(errors="replace")
+
+    def number(name: str) -> int:
+        try:
+            return int(text(name) or 0)
+        except ValueError:
+            return 0
+
+    return Event(
+        queue=queue,
+        id=parse_id(raw_id),
+        seq=number("seq"),
+        job=text("job"),
+        task=text("task"),
+        result=_result(text("outcome"), text("error")),
+        attempt=number("attempt"),
+        wait_ms=number("wait"),
+        proc_ms=number("proc"),
+        start_ms=number("start"),
+        finish_ms=number("finish"),
+    )
+
+
+@dataclass(frozen=True)
+class Filter:
+    queues: tuple[str, ...]
+    task: str = ""
+    result: Result | None = None
+
+    def matches(self, event: Event) -> bool:
+        return (not self.task or event.task == self.task) and (self.result is None or event.result is self.result)
+
+
+class CursorError(ValueError):
+    """A cursor that this service did not write."""
+
+
+def encode_cursor(positions: Mapping[str, Position]) -> str:
+    """`queue/stream-id/seq` per subscribed queue, joined by `|` (neither is legal in a queue name)."""
+    return "|".join(f"{queue}/{id_text(p.id)}/{p.seq}" for queue, p in sorted(positions.items()))
+
+
+def decode_cursor(text: str, queues: Sequence[str]) -> dict[str, Position]:
+    if len(text) > MAX_CURSOR_CHARS:
+        raise CursorError(f"longer than {MAX_CURSOR_CHARS} characters")
+    positions: dict[str, Position] = {}
+    for part in text.split("|"):
+        queue, _, rest = part.partition("/")
+        stream_id, _, seq = rest.partition("/")
+        if not QUEUE_NAME_RE.match(queue):
+            raise CursorError(f"{part!r} is not `queue/id/seq`")
+        if queue not in queues:
+            raise CursorError(f"it names queue {queue!r}, which is not configured")
+        try:
+            position = Position(parse_id(stream_id), int(seq))
+        except ValueError:
+            raise CursorError(f"{part!r} is not `queue/id/seq`") from None
+        if min(*position.id, position.seq) < 0:
+            raise CursorError(f"{part!r} has a negative number")
+        positions[queue] = position
+    return positions
+
+
+@dataclass(frozen=True)
+class Delivery:
+    event: Event
+    cursor: str
+    missed: int
+    dropped: int
+
+
+class Subscriber:
+    def __init__(self, wanted: Filter, capacity: int, on_drop: Callable[[int], None]) -> None:
+        self.filter = wanted
+        self.capacity = capacity
+        self.on_drop = on_drop
+        self.buffer: deque[Event] = deque()
+        self.wake = asyncio.Event()
+        self.catching_up = True
+        # While catching up, overflow is not loss: those events are read again from the stream.
+        self.overflows = 0
+        self.dropped = 0
+        self.missed = 0
+
+    def offer(self, event: Event) -> None:
+        if not self.filter.matches(event):
+            return
+        if len(self.buffer) >= self.capacity:
+            self.buffer.popleft()
+            if self.catching_up:
+                self.overflows += 1
+            else:
+                self.dropped += 1
+                self.on_drop(1)
+        self.buffer.append(event)
+        self.wake.set()
+
+    def lost(self, count: int) -> None:
+        """The reader found entries trimmed before it read them (a catching-up subscriber sees the gap itself)."""
+        if not self.catching_up:
+            self.missed += count
+            self.wake.set()
+
+
+class TimingsHub:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.asyncio.Redis,
+        on_subscribers: Callable[[int], None] = lambda delta: None,
+        on_drop: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.on_subscribers = on_subscribers
+        self.on_drop = on_drop
+        self.closed = False
+        self._subscribers: dict[str, set[Subscriber]] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        self._started: dict[str, asyncio.Future[None]] = {}
+        self._open = 0
+        self._none_open = asyncio.Event()
+        self._none_open.set()
+
+    def _key(self, queue: str) -> str:
+        return QueueKeys(self.settings.key_prefix, queue).timings
+
+    async def _xrange(self, queue: str, low: str, high: str, count: int) -> Entries:
+        return cast(Entries, await self.client.xrange(self._key(queue), min=low, max=high, count=count))
+
+    async def _xrevrange(self, queue: str, high: str, low: str, count: int) -> Entries:
+        return cast(Entries, await self.client.xrevrange(self._key(queue), max=high, min=low, count=count))
+
+    async def end_position(self, queue: str) -> Position:
+        entries = await self._xrevrange(queue, "+", "-", 1)
+        if not entries:
+            return ORIGIN
+        raw_id, fields = entries[0]
+        return parse_event(queue, raw_id, fields).position
+
+    async def _range(self, queue: str, after: Position) -> AsyncIterator[Event]:
+        """Every entry after `after`, to the end of the stream as it is when the last page is read."""
+        start = after
+        while True:
+            entries = await self._xrange(queue, "(" + id_text(start.id), "+", PAGE)
+            for raw_id, fields in entries:
+                event = parse_event(queue, raw_id, fields)
+                start = event.position
+                yield event
+            if len(entries) < PAGE or self.closed:
+                return
+
+    async def _last(self, wanted: Filter, count: int) -> tuple[list[Event], dict[str, Position], dict[str, Position]]:
+        """The newest `count` matching entries over the subscribed queues, oldest first; the
+        positions just before them; and each stream's end."""
+        chosen: list[Event] = []
+        ends: dict[str, Position] = {}
+        for queue in wanted.queues:
+            found: list[Event] = []
+            top = "+"
+            while len(found) < count:
+                entries = await self._xrevrange(queue, top, "-", PAGE)
+                for raw_id, fields in entries:
+                    event = parse_event(queue, raw_id, fields)
+                    ends.setdefault(queue, event.position)
+                    if wanted.matches(event) and len(found) < count:
+                        found.append(event)
+                if len(entries) < PAGE:
+                    break
+                top = "(" + id_text(parse_id(entries[-1][0]))
+            ends.setdefault(queue, ORIGIN)
+            chosen += found
+        chosen.sort(key=lambda event: event.id)
+        chosen = chosen[-count:]
+        starts = dict(ends)
+        for event in reversed(chosen):
+            starts[event.queue] = event.position.before()
+        return chosen, starts, ends
+
+    async def _attach(self, subscriber: Subscriber) -> None:
+        loop = asyncio.get_running_loop()
+        for queue in subscriber.filter.queues:
+            self._subscribers.setdefault(queue, set()).add(subscriber)
+            if queue not in self._readers:
+                started: asyncio.Future[None] = loop.create_future()
+                self._started[queue] = started
+                self._readers[queue] = asyncio.create_task(self._read(queue, started), name=f"timings-{queue}")
+        # Each reader's start is fixed before the subscriber reads the stream, so together they miss nothing.
+        await asyncio.gather(*(asyncio.shield(self._started[queue]) for queue in subscriber.filter.queues))
+
+    def _detach(self, subscriber: Subscriber) -> None:
+        for queue in subscriber.filter.queues:
+            subscribers = self._subscribers.get(queue)
+            if subscribers is None:
+                continue
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._subscribers[queue]
+                self._started.pop(queue, None)
+                reader = self._readers.pop(queue, None)
+                if reader is not None:
+                    reader.cancel()
+
+    async def _read(self, queue: str, started: asyncio.Future[None]) -> None:
+        try:
+            last = await self.end_position(queue)
+        except asyncio.CancelledError:
+            started.cancel()
+            raise
+        except Exception as exc:
+            # The subscribers waiting for this start fail with it (UNAVAILABLE when Redis is down).
+            started.set_exception(exc)
+            if self._readers.get(queue) is asyncio.current_task():
+                del self._readers[queue]
+                self._started.pop(queue, None)
+            return
+        started.set_result(None)
+        key = self._key(queue)
+        # A page never outgrows a subscriber's buffer, so one read alone cannot overflow a fast subscriber.
+        page = min(PAGE, self.settings.stream_buffer)
+        failing = False
+        # A reader whose cancellation redis.asyncio swallowed (see cancellation.py) still ends,
+        # within one BLOCK_MS, once it is no longer its queue's reader.
+        while self._readers.get(queue) is asyncio.current_task():
+            try:
+                reply = cast(
+                    list[tuple[bytes, Entries]],
+                    await self.client.xread({key: id_text(last.id)}, count=page, block=BLOCK_MS),
+                )
+            except REDIS_DOWN as exc:
+                if not failing:
+                    log.warning("timings reader lost Redis; retrying", extra={"queue": queue, "error": str(exc)})
+                failing = True
+                await asyncio.sleep(RETRY_S)
+                continue
+            failing = False
+            for _, entries in reply:
+                for raw_id, fields in entries:
+                    event = parse_event(queue, raw_id, fields)
+                    gap = event.seq - last.seq - 1 if event.seq and last.seq else 0
+                    last = event.position
+                    for subscriber in self._subscribers.get(queue, ()):
+                        if gap > 0:
+                            subscriber.lost(gap)
+                        subscriber.offer(event)
+
+    async def subscribe(
+        self, wanted: Filter, last_n: int = 0, cursor: Mapping[str, Position] | None = None
+    ) -> AsyncIterator[Delivery]:
+        """Deliveries for one subscriber until the hub closes (or the caller stops iterating)."""
+        if self.closed:
+            return
+        subscriber = Subscriber(wanted, self.settings.stream_buffer, self.on_drop)
+        self.on_subscribers(1)
+        self._open += 1
+        self._none_open.clear()
+        try:
+            await self._attach(subscriber)
+            positions: dict[str, Position] = {}
+            missed = 0
+            if cursor is not None:
+                for queue in wanted.queues:
+                    positions[queue] = cursor[queue] if queue in cursor else await self.end_position(queue)
+            elif last_n:
+                backlog, positions, ends = await self._last(wanted, last_n)
+                for event in backlog:
+                    positions[event.queue] = event.position
+                    yield Delivery(event, encode_cursor(positions), 0, 0)
+                positions = ends
+            else:
+                for queue in wanted.queues:
+                    positions[queue] = await self.end_position(queue)
+
+            while not self.closed:
+                overflows = subscriber.overflows
+                for queue in wanted.queues:
+                    async for event in self._range(queue, positions[queue]):
+                        if event.seq > positions[queue].seq + 1:
+                            missed += event.seq - positions[queue].seq - 1
+                        positions[queue] = event.position
+                        if wanted.matches(event):
+                            yield Delivery(event, encode_cursor(positions), missed, 0)
+                            missed = 0
+                if subscriber.overflows == overflows:
+                    break
+            subscriber.catching_up = False
+
+            while not self.closed:
+                if not subscriber.buffer:
+                    subscriber.wake.clear()
+                    await subscriber.wake.wait()
+                    continue
+                event = subscriber.buffer.popleft()
+                if event.id <= positions[event.queue].id:
+                    continue
+                positions[event.queue] = event.position
+                delivery = Delivery(event, encode_cursor(positions), missed + subscriber.missed, subscriber.dropped)
+                missed = subscriber.missed = subscriber.dropped = 0
+                yield delivery
+        finally:
+            self._detach(subscriber)
+            self.on_subscribers(-1)
+            self._open -= 1
+            if not self._open:
+                self._none_open.set()
+
+    async def close(self) -> None:
+        """Ends every subscription and stops the readers. Waits up to CLOSE_WAIT_S for the streams
+        to end, so that they finish with OK rather than being cut off by the server's stop; one
+        stuck writing to a client that does not read is left to the server's grace."""
+        self.closed = True
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber.wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_open.wait(), CLOSE_WAIT_S)
+        readers = list(self._readers.values())
+        self._readers.clear()
+        await asyncio.gather(*(stop_task(reader) for reader in readers))
