@@ -682,3 +682,14 @@ def test_monitoring_requests_are_validated(
         assert field in (invalid.details() or "")
     missing = error(lambda: list(client.admin.StreamTimings(pb.StreamTimingsRequest(queue="nope"), timeout=5)))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+    # Each call is counted under its final code.
+    assert client.server.app is not None
+    registry = client.server.app.monitoring.metrics.registry
+    calls = [("GetStats", "NOT_FOUND"), ("GetPerformance", "INVALID_ARGUMENT"), ("StreamTimings", "NOT_FOUND")]
+
+    def counted() -> bool:
+        found = [registry.get_sample_value("queueservice_rpc_requests_total", dict(method=m, code=c)) for m, c in calls]
+        return found == [1, 1, 1]
+
+    # A call is counted as its handler ends, a moment after the caller has its status.
+    wait_for(counted, 5, what="the failed calls counted by method and code")

@@ -39,7 +39,7 @@ from queueservice_server.monitor.streaming import (
     encode_cursor,
     parse_event,
 )
-from queueservice_server.settings import Settings
+from queueservice_server.settings import Settings, SettingsError
 from queueservice_server.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_increments
 
 # Figures.
@@ -199,6 +199,25 @@ def test_level_follows_the_worst_alert(seen: Observed) -> None:
             assert alert.observed < alert.threshold
         else:
             assert alert.observed > alert.threshold
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("QUEUE_METRICS_ADDRESS", "9464"),
+        ("QUEUE_METRICS_INTERVAL", "0"),
+        ("QUEUE_PERFORMANCE_WINDOW", "999999"),
+        ("QUEUE_ALERT_WINDOW", "-1"),
+        ("QUEUE_ALERT_FAILURE_RATE", "1.5"),
+        ("QUEUE_ALERT_BACKLOG", "0"),
+        ("QUEUE_ALERT_AVG_WAIT", "0"),
+        ("QUEUE_STREAM_BUFFER", "0"),
+        ("QUEUE_ALERT_BACKLOG", "many"),
+    ],
+)
+def test_bad_monitoring_settings_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
 
 
 def test_thresholds_come_from_settings() -> None:

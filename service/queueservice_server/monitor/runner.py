@@ -37,9 +37,13 @@ class Monitoring:
 
     async def start(self) -> None:
         self._collector_task = asyncio.create_task(self.collector.run(), name="collector")
-        if self.settings.metrics_address:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_address, asyncio.get_running_loop())
-            log.info("serving /metrics", extra={"address": self.settings.metrics_address, "port": self.metrics_port})
+        address = self.settings.metrics_address
+        if address:
+            try:
+                self.metrics_port = self.metrics.serve(address, asyncio.get_running_loop())
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve /metrics on QUEUE_METRICS_ADDRESS={address}: {exc}") from exc
+            log.info("serving /metrics", extra={"address": address, "port": self.metrics_port})
 
     async def end_streams(self) -> None:
         await self.hub.close()

@@ -27,7 +27,7 @@ import contextlib
 import enum
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -264,7 +264,7 @@ class TimingsHub:
         raw_id, fields = entries[0]
         return parse_event(queue, raw_id, fields).position
 
-    async def _range(self, queue: str, after: Position) -> AsyncIterator[Event]:
+    async def _range(self, queue: str, after: Position) -> AsyncGenerator[Event, None]:
         """Every entry after `after`, to the end of the stream as it is when the last page is read."""
         start = after
         while True:
@@ -400,13 +400,14 @@ class TimingsHub:
             while not self.closed:
                 overflows = subscriber.overflows
                 for queue in wanted.queues:
-                    async for event in self._range(queue, positions[queue]):
-                        if event.seq > positions[queue].seq + 1:
-                            missed += event.seq - positions[queue].seq - 1
-                        positions[queue] = event.position
-                        if wanted.matches(event):
-                            yield Delivery(event, encode_cursor(positions), missed, 0)
-                            missed = 0
+                    async with contextlib.aclosing(self._range(queue, positions[queue])) as events:
+                        async for event in events:
+                            if event.seq > positions[queue].seq + 1:
+                                missed += event.seq - positions[queue].seq - 1
+                            positions[queue] = event.position
+                            if wanted.matches(event):
+                                yield Delivery(event, encode_cursor(positions), missed, 0)
+                                missed = 0
                 if subscriber.overflows == overflows:
                     break
             subscriber.catching_up = False
