@@ -119,6 +119,20 @@ def test_idempotency_key_returns_the_first_job(queue_stub: Stub) -> None:
     assert other_queue.job_id != first.job_id
 
 
+def test_batch_with_repeated_idempotency_keys_across_queues(queue_stub: Stub) -> None:
+    jobs = [
+        queue_service_pb2.EnqueueRequest(task="diag.noop", idempotency_key="a"),
+        queue_service_pb2.EnqueueRequest(task="diag.noop", idempotency_key="a", queue="emails"),
+        queue_service_pb2.EnqueueRequest(task="diag.noop", idempotency_key="a"),
+        queue_service_pb2.EnqueueRequest(task="diag.noop"),
+    ]
+    results = queue_stub.EnqueueBatch(queue_service_pb2.EnqueueBatchRequest(jobs=jobs)).results
+    assert [r.deduplicated for r in results] == [False, False, True, False]
+    assert results[2].job_id == results[0].job_id
+    assert [r.job_id.split(":")[0] for r in results] == ["default", "emails", "default", "default"]
+    assert len({results[0].job_id, results[1].job_id, results[3].job_id}) == 3
+
+
 def test_racing_enqueues_with_one_idempotency_key_create_one_job(queue_stub: Stub) -> None:
     request = queue_service_pb2.EnqueueRequest(task="diag.noop", idempotency_key="race")
     barrier = threading.Barrier(16)

@@ -19,9 +19,9 @@ class State(enum.StrEnum):
     CANCELLED = "CANCELLED"
 
 
-def new_job_id(queue: str) -> str:
-    """`queue:hex`: the queue travels in the id so GetJob needs no index."""
-    return f"{queue}:{uuid.uuid4().hex}"
+def new_local_id() -> str:
+    """A job's id within its queue; its full id is `queue:local`, so GetJob needs no index."""
+    return uuid.uuid4().hex
 
 
 def split_job_id(job_id: str) -> tuple[str, str] | None:

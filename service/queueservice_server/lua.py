@@ -43,39 +43,53 @@ local function fail(key, id, failed, error, keep, counters, prefix)
 end
 """
 
-# Creates one job, or returns the existing one for a known idempotency key.
-# KEYS: waiting, delayed, counters, job, [idempotency]
-# ARGV: local_id, msg, task, priority, delay_ms, due_at_ms, max_attempts,
-#       timeout_ms, idempotency_ttl_ms, idempotency_key, job_prefix
-# Returns {local_id, deduplicated (0/1), enqueued_at_ms}.
+# Creates a batch of jobs of one queue, or for a known idempotency key returns
+# the first job of that key. The batch comes as one msgpack argument, so a
+# thousand jobs cost one command to parse rather than fifteen thousand.
+# KEYS: waiting, delayed, counters
+# ARGV: job_prefix, idempotency_prefix, idempotency_ttl_ms, jobs: a msgpack list of
+#       [local_id, msg, task, priority, delay_ms, due_at_ms, max_attempts, timeout_ms, idempotency_key]
+# Returns per job: local id (the first job's, for a known key), deduplicated (0/1), enqueued_at_ms.
 ENQUEUE = (
     _NOW
     + """
-if KEYS[5] then
-  local existing = redis.call('GET', KEYS[5])
+local jobs = cmsgpack.unpack(ARGV[4])
+local out = {}
+local seq = redis.call('HINCRBY', KEYS[3], 'seq', #jobs) - #jobs
+for _, job in ipairs(jobs) do
+  local id, msg, task, priority, delay, due, max_attempts, timeout, idem = unpack(job)
+  local idem_key, existing = nil, nil
+  if idem ~= '' then
+    idem_key = ARGV[2] .. idem
+    existing = redis.call('GET', idem_key)
+  end
   if existing then
-    local at = redis.call('HGET', ARGV[11] .. existing, 'enqueued_at')
-    return {existing, 1, at or now}
+    out[#out + 1] = existing
+    out[#out + 1] = 1
+    out[#out + 1] = redis.call('HGET', ARGV[1] .. existing, 'enqueued_at') or now
+  else
+    seq = seq + 1
+    local key = ARGV[1] .. id
+    if delay > 0 then due = now + delay end
+    redis.call('HSET', key, 'task', task, 'msg', msg, 'priority', priority, 'max_attempts', max_attempts,
+      'timeout_ms', timeout, 'attempts', 0, 'enqueued_at', now, 'ready_at', now, 'seq', seq)
+    if idem_key then
+      redis.call('HSET', key, 'idempotency_key', idem)
+      redis.call('SET', idem_key, id, 'PX', ARGV[3])
+    end
+    if due > now then
+      redis.call('HSET', key, 'state', 'DELAYED', 'due_at', due)
+      redis.call('ZADD', KEYS[2], due, id)
+    else
+      redis.call('HSET', key, 'state', 'WAITING')
+      redis.call('ZADD', KEYS[1], order(seq, priority), id)
+    end
+    out[#out + 1] = id
+    out[#out + 1] = 0
+    out[#out + 1] = now
   end
 end
-local seq = redis.call('HINCRBY', KEYS[3], 'seq', 1)
-local priority = tonumber(ARGV[4])
-local due = tonumber(ARGV[6])
-if tonumber(ARGV[5]) > 0 then due = now + tonumber(ARGV[5]) end
-redis.call('HSET', KEYS[4], 'task', ARGV[3], 'msg', ARGV[2], 'priority', priority,
-  'max_attempts', ARGV[7], 'timeout_ms', ARGV[8], 'attempts', 0, 'enqueued_at', now, 'ready_at', now, 'seq', seq)
-if ARGV[10] ~= '' then redis.call('HSET', KEYS[4], 'idempotency_key', ARGV[10]) end
-if due > now then
-  redis.call('HSET', KEYS[4], 'state', 'DELAYED', 'due_at', due)
-  redis.call('ZADD', KEYS[2], due, ARGV[1])
-else
-  redis.call('HSET', KEYS[4], 'state', 'WAITING')
-  redis.call('ZADD', KEYS[1], order(seq, priority), ARGV[1])
-end
-if KEYS[5] then
-  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[9])
-end
-return {ARGV[1], 0, now}
+return out
 """
 )
 

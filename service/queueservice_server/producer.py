@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import redis.asyncio
 
 from queueservice_server.codec import MessageDecodeError, decode_message, encode_message, fresh_message
-from queueservice_server.jobs import JobRecord, new_job_id, split_job_id
+from queueservice_server.jobs import JobRecord, new_local_id, split_job_id
 from queueservice_server.keys import QueueKeys
 from queueservice_server.scripts import Scripts, call, execute_async
 from queueservice_server.settings import Settings
@@ -60,50 +61,57 @@ class Producer:
         return QueueKeys(self.settings.key_prefix, queue)
 
     async def enqueue(self, specs: Sequence[JobSpec]) -> list[Enqueued]:
-        calls = [self._enqueue_call(spec) for spec in specs]
+        """One ENQUEUE call per queue in the batch, in one round trip; results in request order."""
+        by_queue: dict[str, list[int]] = {}
+        for index, spec in enumerate(specs):
+            by_queue.setdefault(spec.queue, []).append(index)
+        calls = [(queue, self._enqueue_call(queue, [specs[i] for i in indexes])) for queue, indexes in by_queue.items()]
         if len(calls) == 1:
-            replies = [await self.scripts.enqueue(keys=calls[0][0], args=calls[0][1])]
+            _, (keys, args) = calls[0]
+            replies = [await self.scripts.enqueue(keys=keys, args=args)]
         else:
 
             def build(pipe: Any) -> None:
-                for keys, args in calls:
+                for _, (keys, args) in calls:
                     call(self.scripts.enqueue, keys, args, pipe)
 
             replies = await execute_async(self.client, self.scripts, build)
-        return [
-            Enqueued(job_id=f"{spec.queue}:{local.decode()}", enqueued_at_ms=int(at), deduplicated=bool(dedup))
-            for spec, (local, dedup, at) in zip(specs, replies, strict=True)
-        ]
+        results: list[Enqueued | None] = [None] * len(specs)
+        for (queue, _), reply, indexes in zip(calls, replies, by_queue.values(), strict=True):
+            for n, index in enumerate(indexes):
+                local, dedup, at = reply[3 * n : 3 * n + 3]
+                results[index] = Enqueued(
+                    job_id=f"{queue}:{local.decode()}", enqueued_at_ms=int(at), deduplicated=bool(dedup)
+                )
+        return [result for result in results if result is not None]
 
-    def _enqueue_call(self, spec: JobSpec) -> tuple[list[str], list[Any]]:
-        """The ENQUEUE script's keys and arguments for one new job."""
-        keys = self.keys(spec.queue)
-        job_id = new_job_id(spec.queue)
-        local = job_id.rpartition(":")[2]
-        msg = encode_message(
-            payload=spec.payload,
-            retries=spec.max_attempts - 1,
-            retry_delay=spec.retry_delay,
-            retry_backoff=spec.retry_backoff,
-            timeout=spec.timeout,
-        )
-        script_keys = [keys.waiting, keys.delayed, keys.counters, keys.job(local)]
-        if spec.idempotency_key:
-            script_keys.append(keys.idempotency(spec.idempotency_key))
-        args = [
-            local,
-            msg,
-            spec.task,
-            spec.priority,
-            spec.delay_ms,
-            spec.due_at_ms,
-            spec.max_attempts,
-            int(spec.timeout * 1000),
-            int(self.settings.idempotency_window * 1000),
-            spec.idempotency_key,
-            keys.job_prefix,
+    def _enqueue_call(self, queue: str, specs: Sequence[JobSpec]) -> tuple[list[str], list[Any]]:
+        """The ENQUEUE script's keys and arguments for new jobs of one queue."""
+        keys = self.keys(queue)
+        jobs = [
+            [
+                new_local_id(),
+                encode_message(
+                    payload=spec.payload,
+                    retries=spec.max_attempts - 1,
+                    retry_delay=spec.retry_delay,
+                    retry_backoff=spec.retry_backoff,
+                    timeout=spec.timeout,
+                ),
+                spec.task,
+                spec.priority,
+                spec.delay_ms,
+                spec.due_at_ms,
+                spec.max_attempts,
+                int(spec.timeout * 1000),
+                spec.idempotency_key,
+            ]
+            for spec in specs
         ]
-        return script_keys, args
+        # Redis's Lua msgpack predates the bin and str8 types: the old raw format only.
+        blob = msgpack.packb(jobs, use_bin_type=False)
+        args = [keys.job_prefix, keys.idempotency(""), int(self.settings.idempotency_window * 1000), blob]
+        return [keys.waiting, keys.delayed, keys.counters], args
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         parts = split_job_id(job_id)
