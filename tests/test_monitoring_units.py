@@ -40,15 +40,15 @@ from queueservice_server.monitor.streaming import (
     parse_event,
 )
 from queueservice_server.settings import Settings, SettingsError
-from queueservice_server.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_increments
+from queueservice_server.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_figures
 
 # Figures.
 
 
 def minute_hash(attempts: list[Attempt]) -> dict[bytes, bytes]:
-    """The hash SETTLE writes for these attempts (timings.minute_increments is what it adds)."""
-    pairs, maxima = minute_increments(attempts)
-    fields = {str(pairs[i]).encode(): str(pairs[i + 1]).encode() for i in range(0, len(pairs), 2)}
+    """The hash SETTLE writes for these attempts (timings.minute_figures is what it adds)."""
+    *maxima, increments = minute_figures(attempts)
+    fields = {field.encode(): str(amount).encode() for field, amount in increments.items()}
     for name, value in zip(("wait_max", "proc_max", "total_max"), maxima, strict=True):
         fields[name.encode()] = str(value).encode()
     return fields

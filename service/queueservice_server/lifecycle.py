@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgpack
 import redis
 
 from queueservice_server.jobs import split_job_id
 from queueservice_server.keys import QueueKeys
 from queueservice_server.scripts import Scripts, call, execute
 from queueservice_server.settings import Settings
-from queueservice_server.timings import Attempt, attempt_args, minute_increments
+from queueservice_server.timings import Attempt, attempt_args, minute_figures
 
 PROMOTE_BATCH = 1000
 REAP_BATCH = 1000
@@ -71,6 +72,7 @@ class Lifecycle:
 
     def settle(self, keys: QueueKeys, attempts: list[Attempt], pipe: Any = None) -> Any:
         """Queues SETTLE for attempts of one queue on `pipe` (or runs it)."""
+        # Redis's Lua msgpack predates the bin and str8 types: the old raw format only.
         args: list[Any] = [
             keys.job_prefix,
             keys.minute_prefix,
@@ -79,12 +81,9 @@ class Lifecycle:
             self.settings.timings_retained,
             int(self.settings.metrics_history) + 120,
             self.worker_id,
-            len(attempts),
+            msgpack.packb([attempt_args(attempt) for attempt in attempts], use_bin_type=False),
+            msgpack.packb(minute_figures(attempts), use_bin_type=False),
         ]
-        for attempt in attempts:
-            args += attempt_args(attempt)
-        increments, maxima = minute_increments(attempts)
-        args += maxima + increments
         return call(
             self.scripts.settle,
             [keys.active, keys.completed, keys.failed, keys.delayed, keys.waiting, keys.counters, keys.timings],

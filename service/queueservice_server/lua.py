@@ -163,27 +163,24 @@ return out
 # An attempt whose job is no longer held (reaped meanwhile) changes no job.
 # KEYS: active, completed, failed, delayed, waiting, counters, timings
 # ARGV: job_prefix, minute_prefix, keep_completed, keep_failed, stream_maxlen,
-#       minute_ttl_s, worker_id, n, n x ATTEMPT_FIELDS (see timings.attempt_args),
-#       wait_max, proc_max, total_max, then HINCRBY field/amount pairs
+#       minute_ttl_s, worker_id, attempts (msgpack list of timings.attempt_args),
+#       figures (msgpack [wait_max, proc_max, total_max, {field: HINCRBY amount}])
 # Returns how many attempts were still held.
 SETTLE = (
     _NOW
     + """
 local prefix = ARGV[1]
-local n = tonumber(ARGV[8])
-local width = 10
+local attempts = cmsgpack.unpack(ARGV[8])
 -- First the acks, so the stream entries of this batch can be numbered in one step.
 local held = {}
-for k = 0, n - 1 do
-  if redis.call('ZREM', KEYS[1], ARGV[9 + k * width]) == 1 then held[#held + 1] = k end
+for _, attempt in ipairs(attempts) do
+  if redis.call('ZREM', KEYS[1], attempt[1]) == 1 then held[#held + 1] = attempt end
 end
 local seq = 0
 if #held > 0 then seq = redis.call('HINCRBY', KEYS[6], 'timings', #held) - #held end
 local done = {}
-for _, k in ipairs(held) do
-  local i = 9 + k * width
-  local id, outcome, start, finish, err = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local msg, due, task, wait, attempt = ARGV[i + 5], tonumber(ARGV[i + 6]), ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+for _, attempt in ipairs(held) do
+  local id, outcome, start, finish, err, msg, due, task, wait, number = unpack(attempt)
   local key = prefix .. id
   if outcome == 'COMPLETED' then
     redis.call('HSET', key, 'state', 'COMPLETED', 'started_at', start, 'finished_at', finish, 'error', err)
@@ -203,27 +200,24 @@ for _, k in ipairs(held) do
   end
   seq = seq + 1
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'seq', seq, 'job', id, 'task', task,
-    'outcome', outcome, 'attempt', attempt, 'wait', wait, 'proc', finish - start,
+    'outcome', outcome, 'attempt', number, 'wait', wait, 'proc', finish - start,
     'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
 end
 if #done > 0 then redis.call('ZADD', KEYS[2], unpack(done)) end
-local i = 9 + n * width
 retain(KEYS[2], tonumber(ARGV[3]), KEYS[6], 'evicted_completed', prefix)
 retain(KEYS[3], tonumber(ARGV[4]), KEYS[6], 'evicted_failed', prefix)
 local minute = ARGV[2] .. math.floor(now / 60000)
+local figures = cmsgpack.unpack(ARGV[9])
 local names = {'wait_max', 'proc_max', 'total_max'}
 for k = 1, 3 do
-  local value = tonumber(ARGV[i + k - 1])
-  if value > tonumber(redis.call('HGET', minute, names[k]) or '-1') then
-    redis.call('HSET', minute, names[k], value)
+  if figures[k] > tonumber(redis.call('HGET', minute, names[k]) or '-1') then
+    redis.call('HSET', minute, names[k], figures[k])
   end
 end
-i = i + 3
 local totals = {n = true, completed = true, failed = true, retried = true}
-while i < #ARGV do
-  redis.call('HINCRBY', minute, ARGV[i], ARGV[i + 1])
-  if totals[ARGV[i]] then redis.call('HINCRBY', KEYS[6], 'total_' .. ARGV[i], ARGV[i + 1]) end
-  i = i + 2
+for field, amount in pairs(figures[4]) do
+  redis.call('HINCRBY', minute, field, amount)
+  if totals[field] then redis.call('HINCRBY', KEYS[6], 'total_' .. field, amount) end
 end
 redis.call('EXPIRE', minute, ARGV[6])
 return #held

@@ -27,6 +27,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 BUCKET_RATIO = 1.25
 _LOG_RATIO = math.log(BUCKET_RATIO)
@@ -76,11 +77,8 @@ class Attempt:
         return max(0, self.finish_ms - self.start_ms)
 
 
-ATTEMPT_FIELDS = 10
-
-
 def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
-    """The SETTLE script's ARGV slice for one attempt (ATTEMPT_FIELDS items)."""
+    """One attempt as the SETTLE script reads it."""
     return [
         attempt.local_id,
         attempt.outcome.value,
@@ -98,15 +96,14 @@ def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
 _OUTCOME_FIELD = {Outcome.COMPLETED: "completed", Outcome.FAILED: "failed", Outcome.RETRY: "retried"}
 
 
-def minute_increments(attempts: Iterable[Attempt]) -> tuple[list[str | int], list[int]]:
-    """Aggregates a batch into (HINCRBY field/amount pairs, [wait_max, proc_max, total_max]),
+def minute_figures(attempts: Iterable[Attempt]) -> list[Any]:
+    """Aggregates a batch into [wait_max, proc_max, total_max, {HINCRBY field: amount}],
     so one flush costs a few hash writes rather than a dozen per job."""
     counts: Counter[str] = Counter()
-    maxima = [0, 0, 0]
+    wait_max = proc_max = total_max = 0
     for attempt in attempts:
         wait, proc = attempt.wait_ms, attempt.proc_ms
         total = wait + proc
-        counts["n"] += 1
         counts[_OUTCOME_FIELD[attempt.outcome]] += 1
         counts["wait_sum"] += wait
         counts["proc_sum"] += proc
@@ -114,8 +111,6 @@ def minute_increments(attempts: Iterable[Attempt]) -> tuple[list[str | int], lis
         counts[f"w:{bucket(wait)}"] += 1
         counts[f"p:{bucket(proc)}"] += 1
         counts[f"t:{bucket(total)}"] += 1
-        maxima = [max(maxima[0], wait), max(maxima[1], proc), max(maxima[2], total)]
-    pairs: list[str | int] = []
-    for field, amount in counts.items():
-        pairs += [field, amount]
-    return pairs, maxima
+        wait_max, proc_max, total_max = max(wait_max, wait), max(proc_max, proc), max(total_max, total)
+    counts["n"] = counts["completed"] + counts["failed"] + counts["retried"]
+    return [wait_max, proc_max, total_max, {field: amount for field, amount in counts.items() if amount}]
