@@ -8,9 +8,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import pytest
@@ -57,11 +57,11 @@ def start_server() -> Iterator[StartServer]:
 
 
 class Client:
-    def __init__(self, server: ServerThread) -> None:
+    def __init__(self, server: ServerThread, options: Sequence[tuple[str, Any]] = ()) -> None:
         assert server.app is not None
         self.server = server
         self.address = f"127.0.0.1:{server.app.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = grpc.insecure_channel(self.address, options=options)
         self.queue = Queue(self.channel)
         self.admin = Admin(self.channel)
 
@@ -92,12 +92,16 @@ class Client:
         wait_for(lambda: self.drained(queue, finished), timeout, what=f"{finished} jobs finished on {queue}")
 
 
+class Connect(Protocol):
+    def __call__(self, server: ServerThread, options: Sequence[tuple[str, Any]] = ()) -> Client: ...
+
+
 @pytest.fixture
-def connect() -> Iterator[Callable[[ServerThread], Client]]:
+def connect() -> Iterator[Connect]:
     clients: list[Client] = []
 
-    def make(server: ServerThread) -> Client:
-        client = Client(server)
+    def make(server: ServerThread, options: Sequence[tuple[str, Any]] = ()) -> Client:
+        client = Client(server, options)
         clients.append(client)
         return client
 
@@ -147,7 +151,7 @@ def kinds(alerts: Any) -> set[int]:
 
 
 def test_two_servers_and_two_workers_agree(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     a, b = connect(start_server(mon)), connect(start_server(mon))
     worker_factory(mon)
@@ -216,7 +220,7 @@ PROCESSING_TOLERANCE_S = 0.2
 
 
 def test_sleep_workload_gives_its_processing_time_and_throughput(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     client = connect(start_server(mon))
     worker_factory(mon, worker_concurrency=3)
@@ -256,7 +260,7 @@ def test_sleep_workload_gives_its_processing_time_and_throughput(
 
 
 def test_failing_workload_trips_the_failure_rate_alert_and_the_level(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     client = connect(start_server(mon))
     worker_factory(mon)
@@ -290,7 +294,7 @@ def test_failing_workload_trips_the_failure_rate_alert_and_the_level(
 
 
 def test_dead_workers_drop_out_and_live_ones_are_reported(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     client = connect(start_server(mon))
     worker_factory(mon)
@@ -316,7 +320,7 @@ def test_dead_workers_drop_out_and_live_ones_are_reported(
 
 
 def test_backlog_and_a_stopped_fleet_trip_their_alerts(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     client = connect(start_server(mon))
     worker = worker_factory(mon)
@@ -352,7 +356,7 @@ def test_backlog_and_a_stopped_fleet_trip_their_alerts(
 
 
 def test_reconnecting_with_the_cursor_gets_every_event_exactly_once(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     a, b = connect(start_server(mon)), connect(start_server(mon))
     worker_factory(mon)
@@ -380,7 +384,7 @@ def test_reconnecting_with_the_cursor_gets_every_event_exactly_once(
 
 
 def test_a_cursor_behind_retention_is_told_how_many_it_missed(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     # The workers trim the timings stream (MAXLEN ~, so to a little over this, in whole nodes).
     short = replace(mon, timings_retained=10)
@@ -410,7 +414,7 @@ def test_a_cursor_behind_retention_is_told_how_many_it_missed(
 def test_a_subscriber_that_never_reads_does_not_slow_the_workers_and_is_told_of_its_drops(
     mon: Settings,
     start_server: StartServer,
-    connect: Callable[[ServerThread], Client],
+    connect: Connect,
     worker_factory: StartWorker,
     record_property: Callable[[str, object], None],
 ) -> None:
@@ -437,8 +441,10 @@ def test_a_subscriber_that_never_reads_does_not_slow_the_workers_and_is_told_of_
         return cursor
 
     alone = drain(jobs)
-    # From the stream's end as it is now, so it accounts for exactly what follows.
-    silent = Subscription(connect(server), pb.StreamTimingsRequest(cursor=stream_end()), read=False)
+    # From the stream's end as it is now, so it accounts for exactly what follows. Its channel keeps
+    # HTTP/2's initial window (no BDP growth), so what the network holds for it is small and steady.
+    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    silent = Subscription(connect(server, small_window), pb.StreamTimingsRequest(cursor=stream_end()), read=False)
     wait_for(lambda: _subscribers(server) == 1, 10, what="the silent subscriber attached")
     # Past its catch-up (nothing to read yet) it is live: what overflows from now on is dropped.
     time.sleep(0.3)
@@ -549,7 +555,7 @@ def test_one_collector_per_queue_across_replicas(mon: Settings, start_server: St
 
 
 def test_metrics_parse_and_match_get_stats(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client], worker_factory: StartWorker
+    mon: Settings, start_server: StartServer, connect: Connect, worker_factory: StartWorker
 ) -> None:
     server = start_server(replace(mon, keep_completed=3))
     client = connect(server)
@@ -630,7 +636,7 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 
 def test_get_stats_work_does_not_grow_with_the_backlog(
-    mon: Settings, redis_url: str, start_server: StartServer, connect: Callable[[ServerThread], Client]
+    mon: Settings, redis_url: str, start_server: StartServer, connect: Connect
 ) -> None:
     if redis_url == SYSTEM_REDIS:
         pytest.skip("command counts on a shared Redis include other clients' commands")
@@ -656,9 +662,7 @@ def test_get_stats_work_does_not_grow_with_the_backlog(
     assert commands_per_call() == small
 
 
-def test_monitoring_requests_are_validated(
-    mon: Settings, start_server: StartServer, connect: Callable[[ServerThread], Client]
-) -> None:
+def test_monitoring_requests_are_validated(mon: Settings, start_server: StartServer, connect: Connect) -> None:
     client = connect(start_server(mon))
 
     def error(call: Callable[[], object]) -> grpc.RpcError:

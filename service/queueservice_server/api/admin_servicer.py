@@ -78,7 +78,7 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         if violations:
             raise invalid_argument(violations)
         wanted = Filter(queues, request.task, OUTCOME_FILTERS.get(request.outcome))
-        async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor):
+        async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
             yield delivery_to_proto(delivery)
 
     @rpc

@@ -45,6 +45,8 @@ PAGE = 500
 BLOCK_MS = 1000
 RETRY_S = 1.0
 CLOSE_WAIT_S = 1.0
+# An idle subscriber looks this often whether its RPC has ended.
+GONE_CHECK_S = 1.0
 MAX_CURSOR_CHARS = 4096
 _MAX_SEQ = 2**64 - 1
 # Supervisors record a killed attempt with this error prefix (see supervisor.py), and Huey's own
@@ -221,6 +223,13 @@ class Subscriber:
         self.buffer.append(event)
         self.wake.set()
 
+    def deliver(self, event: Event, positions: dict[str, Position]) -> Delivery:
+        """The message for `event`, advancing `positions`, with what was missed or dropped before it."""
+        positions[event.queue] = event.position
+        delivery = Delivery(event, encode_cursor(positions), self.missed, self.dropped)
+        self.missed = self.dropped = 0
+        return delivery
+
     def lost(self, count: int) -> None:
         """The reader found entries trimmed before it read them (a catching-up subscriber sees the gap itself)."""
         if not self.catching_up:
@@ -371,9 +380,15 @@ class TimingsHub:
                         subscriber.offer(event)
 
     async def subscribe(
-        self, wanted: Filter, last_n: int = 0, cursor: Mapping[str, Position] | None = None
+        self,
+        wanted: Filter,
+        last_n: int = 0,
+        cursor: Mapping[str, Position] | None = None,
+        gone: Callable[[], bool] = lambda: False,
     ) -> AsyncIterator[Delivery]:
-        """Deliveries for one subscriber until the hub closes (or the caller stops iterating)."""
+        """Deliveries for one subscriber until the hub closes, the caller stops iterating, or
+        `gone()` (its RPC ended: checked too because redis.asyncio may swallow the cancellation
+        meant to stop it, see cancellation.py)."""
         if self.closed:
             return
         subscriber = Subscriber(wanted, self.settings.stream_buffer, self.on_drop)
@@ -382,54 +397,51 @@ class TimingsHub:
         self._none_open.clear()
         try:
             await self._attach(subscriber)
-            positions: dict[str, Position] = {}
-            missed = 0
-            if cursor is not None:
-                for queue in wanted.queues:
-                    positions[queue] = cursor[queue] if queue in cursor else await self.end_position(queue)
-            elif last_n:
+            if cursor is None and last_n:
                 backlog, positions, ends = await self._last(wanted, last_n)
                 for event in backlog:
-                    positions[event.queue] = event.position
-                    yield Delivery(event, encode_cursor(positions), 0, 0)
+                    yield subscriber.deliver(event, positions)
                 positions = ends
             else:
-                for queue in wanted.queues:
-                    positions[queue] = await self.end_position(queue)
-
-            while not self.closed:
-                overflows = subscriber.overflows
-                for queue in wanted.queues:
-                    async with contextlib.aclosing(self._range(queue, positions[queue])) as events:
-                        async for event in events:
-                            if event.seq > positions[queue].seq + 1:
-                                missed += event.seq - positions[queue].seq - 1
-                            positions[queue] = event.position
-                            if wanted.matches(event):
-                                yield Delivery(event, encode_cursor(positions), missed, 0)
-                                missed = 0
-                if subscriber.overflows == overflows:
-                    break
+                # A queue the cursor does not name (or no cursor: live only) starts at its stream's end.
+                given = cursor or {}
+                positions = {q: given[q] if q in given else await self.end_position(q) for q in wanted.queues}
+            async with contextlib.aclosing(self._catch_up(subscriber, positions, gone)) as caught_up:
+                async for delivery in caught_up:
+                    yield delivery
             subscriber.catching_up = False
-
-            while not self.closed:
+            while not self.closed and not gone():
                 if not subscriber.buffer:
                     subscriber.wake.clear()
-                    await subscriber.wake.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(subscriber.wake.wait(), GONE_CHECK_S)
                     continue
                 event = subscriber.buffer.popleft()
-                if event.id <= positions[event.queue].id:
-                    continue
-                positions[event.queue] = event.position
-                delivery = Delivery(event, encode_cursor(positions), missed + subscriber.missed, subscriber.dropped)
-                missed = subscriber.missed = subscriber.dropped = 0
-                yield delivery
+                if event.id > positions[event.queue].id:
+                    yield subscriber.deliver(event, positions)
         finally:
             self._detach(subscriber)
             self.on_subscribers(-1)
             self._open -= 1
             if not self._open:
                 self._none_open.set()
+
+    async def _catch_up(
+        self, subscriber: Subscriber, positions: dict[str, Position], gone: Callable[[], bool]
+    ) -> AsyncGenerator[Delivery, None]:
+        """Reads each stream from `positions` to its end, again while the buffer overflowed meanwhile."""
+        while not self.closed and not gone():
+            overflows = subscriber.overflows
+            for queue in subscriber.filter.queues:
+                async with contextlib.aclosing(self._range(queue, positions[queue])) as events:
+                    async for event in events:
+                        # A jump in seq is what retention took before this subscriber read it.
+                        subscriber.missed += max(0, event.seq - positions[queue].seq - 1)
+                        positions[queue] = event.position
+                        if subscriber.filter.matches(event):
+                            yield subscriber.deliver(event, positions)
+            if subscriber.overflows == overflows:
+                return
 
     async def close(self) -> None:
         """Ends every subscription and stops the readers. Waits up to CLOSE_WAIT_S for the streams
