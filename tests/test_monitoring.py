@@ -257,6 +257,10 @@ def test_sleep_workload_gives_its_processing_time_and_throughput(
     assert jobs / max(spans) - 1e-6 <= stats.performance.throughput_per_minute <= jobs / min(spans) + 1e-6
     assert stats.performance.avg_processing_time.ToMilliseconds() == processing.avg.ToMilliseconds()
     assert stats.counts.completed == jobs
+    print(
+        f"\n{jobs} x diag.sleep {SLEEP_S} s: avg processing {avg:.3f} s, p50 {processing.p50.ToMilliseconds()} ms, "
+        f"throughput {stats.performance.throughput_per_minute:.2f}/min over {min(spans):.2f}-{max(spans):.2f} min"
+    )
 
 
 def test_failing_workload_trips_the_failure_rate_alert_and_the_level(
