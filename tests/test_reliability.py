@@ -72,7 +72,7 @@ def held_by(settings: Settings, pids: set[int]) -> dict[str, dict[bytes, bytes]]
     client = redis.Redis.from_url(settings.redis_url)
     locals_: list[bytes] = client.zrange(QueueKeys(settings.key_prefix, "default").active, 0, -1)  # type: ignore[assignment]
     records = job_hashes(settings, [f"default:{local.decode()}" for local in locals_])
-    return {job_id: r for job_id, r in records.items() if int(r[b"worker"].split(b":")[1]) in pids}
+    return {job_id: r for job_id, r in records.items() if int(r[b"worker"].split(b":")[-1]) in pids}
 
 
 def test_sigkilled_worker_loses_nothing(lc: Settings, server_factory: Any, worker_factory: StartWorker) -> None:

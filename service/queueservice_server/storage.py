@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +94,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
     def core(self) -> Lifecycle:
         if self._core is None or self._pid != os.getpid():
             self._pid = os.getpid()
-            worker_id = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:6]}"
+            # `host:consumer pid:process pid`: its registry entry (`host:consumer pid`) is a prefix.
+            worker_id = f"{socket.gethostname()}:{os.getppid()}:{self._pid}"
             self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), worker_id)
         return self._core
 
