@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import uuid
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,9 +19,12 @@ class State(enum.StrEnum):
     CANCELLED = "CANCELLED"
 
 
-def new_local_id() -> str:
-    """A job's id within its queue; its full id is `queue:local`, so GetJob needs no index."""
-    return uuid.uuid4().hex
+def new_local_ids(count: int) -> list[str]:
+    """Ids of new jobs within their queue (128 random bits as 32 hex characters, like a
+    uuid4's); a full id is `queue:local`, so GetJob needs no index. One system call for
+    a whole batch: a uuid4 per job was the biggest cost of EnqueueBatch."""
+    hexed = os.urandom(16 * count).hex()
+    return [hexed[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
 def split_job_id(job_id: str) -> tuple[str, str] | None:

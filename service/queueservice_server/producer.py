@@ -14,7 +14,7 @@ import msgpack
 import redis.asyncio
 
 from queueservice_server.codec import MessageDecodeError, decode_message, encode_message, fresh_message
-from queueservice_server.jobs import JobRecord, new_local_id, split_job_id
+from queueservice_server.jobs import JobRecord, new_local_ids, split_job_id
 from queueservice_server.keys import QueueKeys
 from queueservice_server.scripts import Scripts, call, execute_async
 from queueservice_server.settings import Settings
@@ -90,7 +90,7 @@ class Producer:
         keys = self.keys(queue)
         jobs = [
             [
-                new_local_id(),
+                local,
                 encode_message(
                     payload=spec.payload,
                     retries=spec.max_attempts - 1,
@@ -106,7 +106,7 @@ class Producer:
                 int(spec.timeout * 1000),
                 spec.idempotency_key,
             ]
-            for spec in specs
+            for local, spec in zip(new_local_ids(len(specs)), specs, strict=True)
         ]
         # Redis's Lua msgpack predates the bin and str8 types: the old raw format only.
         blob = msgpack.packb(jobs, use_bin_type=False)

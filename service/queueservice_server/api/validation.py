@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 
 from queueservice.v1 import queue_service_pb2
+from queueservice_server.api.convert import struct_to_dict
 from queueservice_server.api.errors import invalid_argument, not_found, resource_exhausted
 from queueservice_server.producer import JobSpec
 from queueservice_server.settings import QUEUE_NAME_RE, Settings
@@ -86,7 +87,7 @@ class Validator:
         return JobSpec(
             queue=queue,
             task=definition.name,
-            payload=json_format.MessageToDict(request.payload),
+            payload=struct_to_dict(request.payload),
             priority=request.priority,
             delay_ms=delay_ms,
             due_at_ms=due_at_ms,
