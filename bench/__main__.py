@@ -112,6 +112,10 @@ ROWS_TEXT = """\
 """
 
 
+# Written by hand from a profiling session; the page carries it along.
+PROFILE = Path(__file__).with_name("profile.md")
+
+
 def parse_rows(text: str) -> list[int]:
     rows = sorted({int(part) for part in text.split(",") if part.strip()})
     unknown = [row for row in rows if row not in ROWS]
@@ -144,6 +148,7 @@ def document(machine: Machine, rows: list[Row], wall: float, quick: bool) -> str
         f"Machine: {machine.line()}. Wall time of the run: {wall:.0f} s.\n\n"
         f"{table(rows)}\n\n"
         f"## Rows\n\n{ROWS_TEXT}\n"
+        f"{PROFILE.read_text()}"
         f"## Method\n\n{METHOD}"
     )
 
