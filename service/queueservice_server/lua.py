@@ -128,12 +128,13 @@ local leases, takes = {}, {}
 local until_ms = now + tonumber(ARGV[2])
 for _, id in ipairs(ids) do
   local key = ARGV[4] .. id
-  local job = redis.call('HMGET', key, 'msg', 'ready_at', 'task')
+  local job = redis.call('HMGET', key, 'msg', 'ready_at', 'task', 'attempts')
   if job[1] then
     leases[#leases + 1] = until_ms
     leases[#leases + 1] = id
-    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('HSET', key, 'state', 'ACTIVE', 'started_at', now, 'worker', ARGV[3], 'finished_at', '')
+    local attempt = tonumber(job[4] or '0') + 1
+    redis.call('HSET', key, 'state', 'ACTIVE', 'attempts', attempt, 'started_at', now, 'worker', ARGV[3],
+      'finished_at', '')
     if limit > 0 then
       takes[#takes + 1] = now
       takes[#takes + 1] = id .. ':' .. attempt
