@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,27 +38,6 @@ PREFIX = "bench"
 QUEUE = "default"
 LOOPBACK = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# The rate limit (100 jobs/min by default) would cap every drain; the bench
-# measures the machinery, so it is off. Applied after the Settings-derived
-# variables, so it wins over Settings' default.
-EXTRA_ENV = {"QUEUE_RATE_LIMIT_MAX": "0"}
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The QUEUE_* variables that reproduce `settings` in another process."""
-    env: dict[str, str] = {}
-    for f in fields(settings):
-        value: Any = getattr(settings, f.name)
-        if value is None:
-            text = ""
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, tuple):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        env[f"QUEUE_{f.name.upper()}"] = text
-    return env
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -69,7 +48,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    return child_env({**settings_env(settings), **EXTRA_ENV})
+    return child_env(settings.to_env())
 
 
 class Child:
@@ -284,8 +263,16 @@ class Bench:
         return self.redis_server.url
 
     def settings(self, **overrides: Any) -> Settings:
-        """The service's defaults, but quiet logs, a short shutdown and the bench's key prefix."""
-        base = Settings(redis_url=self.url, key_prefix=PREFIX, shutdown_grace=5.0, grpc_grace=1.0, log_level="WARNING")
+        """The service's defaults, but quiet logs, a short shutdown, the bench's key prefix, and
+        no rate limit: 100 jobs/min by default would cap every drain, and the bench measures the machinery."""
+        base = Settings(
+            redis_url=self.url,
+            key_prefix=PREFIX,
+            shutdown_grace=5.0,
+            grpc_grace=1.0,
+            log_level="WARNING",
+            rate_limit_max=0,
+        )
         return replace(base, **overrides)
 
     def redis_cpu(self) -> float:

@@ -12,7 +12,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,27 +25,10 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The QUEUE_* variables that reproduce `settings` in another process."""
-    env: dict[str, str] = {}
-    for f in fields(settings):
-        value: Any = getattr(settings, f.name)
-        if value is None:
-            text = ""
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, tuple):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        env[f"QUEUE_{f.name.upper()}"] = text
-    return env
-
-
 def process_env(settings: Settings) -> dict[str, str]:
     paths = [str(ROOT / "client"), str(ROOT / "service"), str(ROOT)]
     base = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
-    return {**base, **settings_env(settings), "PYTHONPATH": os.pathsep.join(paths)}
+    return {**base, **settings.to_env(), "PYTHONPATH": os.pathsep.join(paths)}
 
 
 class ServerThread:

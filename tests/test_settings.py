@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from queueservice_server.settings import Settings, SettingsError
-from tests.support import settings_env
 
 
 def test_defaults_match_the_design() -> None:
@@ -69,4 +68,4 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 
 def test_settings_round_trip_through_the_environment() -> None:
     settings = Settings(redis_url="redis://127.0.0.1:1/0", queues=("a", "b"), worker_concurrency=2, serve_workers=True)
-    assert Settings.from_env(settings_env(settings)) == settings
+    assert Settings.from_env(settings.to_env()) == settings

@@ -104,6 +104,22 @@ class Settings:
     def run_workers_in_serve(self) -> bool:
         return self.embedded_redis if self.serve_workers is None else self.serve_workers
 
+    def to_env(self) -> dict[str, str]:
+        """The QUEUE_* variables that reproduce these settings in another process."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if value is None:
+                text = ""
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            else:
+                text = str(value)
+            env[f"QUEUE_{f.name.upper()}"] = text
+        return env
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
