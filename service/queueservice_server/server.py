@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
 from queueservice_server.api.admin_servicer import AdminServicer
-from queueservice_server.api.interceptors import DecodeGuard
+from queueservice_server.api.interceptors import add_service, tolerant_decoding
 from queueservice_server.api.queue_servicer import QueueServicer
 from queueservice_server.api.validation import Validator
 from queueservice_server.cancellation import stop_task
@@ -83,13 +83,17 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
     client = async_client(settings, redis_url)
     monitoring = Monitoring(settings, client)
-    server = grpc.aio.server(
-        options=server_options(settings), interceptors=[DecodeGuard(), monitoring.metrics.interceptor()]
-    )
+    server = grpc.aio.server(options=server_options(settings))
     producer, validator = Producer(settings, client), Validator(settings, tasks)
-    queue_service_pb2_grpc.add_QueueServiceServicer_to_server(QueueServicer(producer, validator), server)
-    admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server(
-        AdminServicer(producer, validator, monitoring), server
+    wrappers = [tolerant_decoding, monitoring.metrics.instrument]
+    add_service(
+        server, queue_service_pb2_grpc.add_QueueServiceServicer_to_server, QueueServicer(producer, validator), wrappers
+    )
+    add_service(
+        server,
+        admin_service_pb2_grpc.add_QueueAdminServiceServicer_to_server,
+        AdminServicer(producer, validator, monitoring),
+        wrappers,
     )
     health = RedisHealth(client)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

@@ -24,7 +24,7 @@ import asyncio
 import bisect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -32,7 +32,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from queueservice_server.api.interceptors import SERVICE_PREFIX
+from queueservice_server.api.interceptors import Handler
 from queueservice_server.monitor.figures import Distribution
 from queueservice_server.monitor.stats import Reader
 from queueservice_server.settings import Settings
@@ -163,31 +163,13 @@ class Metrics:
     def record(self, method: str, code: grpc.StatusCode) -> None:
         self.rpc_requests.labels(method, code.name).inc()
 
-    def interceptor(self) -> grpc.aio.ServerInterceptor:  # type: ignore[type-arg]
-        return _RpcMetrics(self)
-
-
-class _RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts every queueservice RPC by final status code, and times unary ones."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
+    def instrument(self, method: str, handler: Handler) -> Handler:
+        """Wraps one RPC method so that it is counted by final status code (and timed, if unary)."""
         name = method.rsplit("/", 1)[-1]
-        # RpcMethodHandler is a namedtuple in grpcio.
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(name, handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
+            return handler._replace(unary_unary=self._unary(name, handler.unary_unary))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(name, handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
+            return handler._replace(unary_stream=self._stream(name, handler.unary_stream))
         return handler
 
     @staticmethod
@@ -209,8 +191,8 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = exc
                 raise
             finally:
-                self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - started)
-                self.metrics.record(name, self._code(context, error))
+                self.rpc_seconds.labels(name).observe(time.perf_counter() - started)
+                self.record(name, self._code(context, error))
 
         return timed
 
@@ -224,6 +206,6 @@ class _RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = exc
                 raise
             finally:
-                self.metrics.record(name, self._code(context, error))
+                self.record(name, self._code(context, error))
 
         return counted
