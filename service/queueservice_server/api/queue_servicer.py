@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from google.protobuf import timestamp_pb2
+
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.api.convert import job_to_proto, timestamp_ms
 from queueservice_server.api.errors import Context, invalid_argument, not_found, rpc
@@ -9,10 +11,20 @@ from queueservice_server.api.validation import Validator
 from queueservice_server.producer import Enqueued, Producer
 
 
-def _response(result: Enqueued) -> queue_service_pb2.EnqueueResponse:
-    return queue_service_pb2.EnqueueResponse(
-        job_id=result.job_id, enqueue_time=timestamp_ms(result.enqueued_at_ms), deduplicated=result.deduplicated
-    )
+def _responses(results: list[Enqueued]) -> list[queue_service_pb2.EnqueueResponse]:
+    # A batch's jobs share a handful of enqueue times (one per queue): build each Timestamp once.
+    stamps: dict[int, timestamp_pb2.Timestamp] = {}
+    responses = []
+    for result in results:
+        stamp = stamps.get(result.enqueued_at_ms)
+        if stamp is None:
+            stamp = stamps[result.enqueued_at_ms] = timestamp_ms(result.enqueued_at_ms)
+        responses.append(
+            queue_service_pb2.EnqueueResponse(
+                job_id=result.job_id, enqueue_time=stamp, deduplicated=result.deduplicated
+            )
+        )
+    return responses
 
 
 class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
@@ -24,15 +36,15 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
     async def Enqueue(
         self, request: queue_service_pb2.EnqueueRequest, context: Context
     ) -> queue_service_pb2.EnqueueResponse:
-        (result,) = await self.producer.enqueue([self.validator.job(request)])
-        return _response(result)
+        (response,) = _responses(await self.producer.enqueue([self.validator.job(request)]))
+        return response
 
     @rpc
     async def EnqueueBatch(
         self, request: queue_service_pb2.EnqueueBatchRequest, context: Context
     ) -> queue_service_pb2.EnqueueBatchResponse:
         results = await self.producer.enqueue(self.validator.batch(request))
-        return queue_service_pb2.EnqueueBatchResponse(results=[_response(r) for r in results])
+        return queue_service_pb2.EnqueueBatchResponse(results=_responses(results))
 
     @rpc
     async def GetJob(

@@ -34,13 +34,13 @@ class Validator:
     def queue(self, name: str, field: str = "queue") -> str:
         """The queue a request names ("" means default), or INVALID_ARGUMENT / NOT_FOUND."""
         queue = name or DEFAULT_QUEUE
+        if queue in self.settings.queues:
+            return queue
         if not QUEUE_NAME_RE.match(queue):
             raise invalid_argument([(field, f"{queue!r} is not a queue name (letters, digits, '_', '.', '-'; 1-64)")])
-        if queue not in self.settings.queues:
-            raise not_found(
-                "queue", queue, f"{field}: no queue named {queue!r}; configured: {', '.join(self.settings.queues)}"
-            )
-        return queue
+        raise not_found(
+            "queue", queue, f"{field}: no queue named {queue!r}; configured: {', '.join(self.settings.queues)}"
+        )
 
     def job(self, request: queue_service_pb2.EnqueueRequest, path: str = "") -> JobSpec:
         violations: list[tuple[str, str]] = []
