@@ -85,3 +85,21 @@ def test_pipelines_are_refused_at_serialization() -> None:
     inner = Message(id="q:2", name="t", args=({},), kwargs={})
     with pytest.raises(ValueError, match="pipelines"):
         serializer.serialize(Message(id="q:1", name="t", args=({},), kwargs={}, on_complete=inner))
+
+
+@given(
+    payload=st.dictionaries(st.text(), json_values, max_size=5),
+    retries=st.integers(0, 99),
+    delay=st.sampled_from([0, 0.2, 2.0, 7.5]),
+    timeout=st.sampled_from([None, 1.0, 300.0, 0.5]),
+)
+def test_encoding_is_plain_msgpack(payload: dict[str, Any], retries: int, delay: float, timeout: float | None) -> None:
+    """The pieced-together encoding (policy part cached) is byte for byte one msgpack array."""
+    whole = [2, payload, retries, delay, 2, timeout]
+    expected = msgpack.packb(
+        [int(v) if isinstance(v, float) and v.is_integer() else v for v in whole], use_bin_type=True
+    )
+    assert (
+        encode_message(payload=payload, retries=retries, retry_delay=delay, retry_backoff=2.0, timeout=timeout)
+        == expected
+    )

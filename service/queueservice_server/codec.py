@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
+import functools
 from typing import Any
 
 import msgpack
@@ -37,14 +38,21 @@ def _compact(value: float | None) -> float | int | None:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+# A msgpack array of 6, then the version: what every message starts with.
+_HEAD = b"\x96" + msgpack.packb(FORMAT_VERSION)
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(retries: int, retry_delay: float, retry_backoff: float, timeout: float | None) -> bytes:
+    """The message's last four items, packed; jobs of a batch mostly share them."""
+    return b"".join(msgpack.packb(_compact(value)) for value in (retries, retry_delay, retry_backoff, timeout))
+
+
 def encode_message(
     *, payload: dict[str, Any], retries: int, retry_delay: float, retry_backoff: float, timeout: float | None
 ) -> bytes:
-    packed: bytes = msgpack.packb(
-        [FORMAT_VERSION, payload, retries, _compact(retry_delay), _compact(retry_backoff), _compact(timeout)],
-        use_bin_type=True,
-    )
-    return packed
+    """msgpack [version, payload, retries, retry_delay, retry_backoff, timeout]."""
+    return _HEAD + msgpack.packb(payload, use_bin_type=True) + _policy(retries, retry_delay, retry_backoff, timeout)
 
 
 _FIELDS = ("payload", "retries", "retry_delay", "retry_backoff", "timeout")
