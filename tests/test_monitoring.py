@@ -22,6 +22,7 @@ from queueservice.v1 import admin_service_pb2 as pb
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.keys import QueueKeys, ServiceKeys
 from queueservice_server.monitor.figures import MINUTE_MS
+from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
 from tests.support import ServerThread, WorkerProcess, wait_for
 
@@ -205,8 +206,7 @@ def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
 
 
 def _redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return time_ms(client.time())
 
 
 def _span_minutes(now_ms: int, window_s: float) -> float:

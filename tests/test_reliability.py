@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2, struct_pb2
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.embedded import RedisServer
 from queueservice_server.keys import QueueKeys
+from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
 from tests.support import WorkerProcess, job_hashes, states, wait_all, wait_for
 
@@ -51,8 +52,7 @@ def enqueue_counted(stub: Stub, counter: str, jobs: int, seconds: float) -> list
 
 
 def redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return time_ms(client.time())
 
 
 def group_pids(group: int) -> set[int]:

@@ -15,6 +15,7 @@ import redis
 
 from queueservice_server.jobs import split_job_id
 from queueservice_server.keys import QueueKeys
+from queueservice_server.redis_client import time_ms
 from queueservice_server.scripts import Scripts, call, execute
 from queueservice_server.settings import Settings
 from queueservice_server.timings import Attempt, attempt_args, minute_figures
@@ -136,5 +137,4 @@ class Lifecycle:
         return execute(self.client, self.scripts, build)
 
     def now_ms(self) -> int:
-        seconds, micros = self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return time_ms(self.client.time())

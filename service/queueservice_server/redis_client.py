@@ -25,6 +25,12 @@ from queueservice_server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def time_ms(reply: tuple[Any, Any]) -> int:
+    """A Redis `TIME` reply (seconds, microseconds) in milliseconds: the one clock every host shares."""
+    seconds, micros = reply
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def _keepalive_options(seconds: int) -> dict[int, int]:
     options: dict[int, int] = {}
     for name, value in (("TCP_KEEPIDLE", seconds), ("TCP_KEEPINTVL", max(1, seconds // 3)), ("TCP_KEEPCNT", 3)):

@@ -22,6 +22,7 @@ import redis.exceptions
 from queueservice_server.keys import QueueKeys, ServiceKeys
 from queueservice_server.monitor.alerts import Capacity, Failing
 from queueservice_server.monitor.figures import MINUTE_MS, SCALAR_FIELDS, Figures, Window, window_minutes
+from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
 
 # Recommendations name the failing task from this many of the newest attempts.
@@ -133,8 +134,7 @@ class Reader:
         return QueueKeys(self.settings.key_prefix, queue)
 
     async def now_ms(self) -> int:
-        seconds, micros = await self.client.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return time_ms(await self.client.time())
 
     def _queue_counts(self, pipe: Any, keys: QueueKeys) -> None:
         for key in (keys.waiting, keys.active, keys.delayed, keys.completed, keys.failed):
@@ -152,8 +152,7 @@ class Reader:
                 self._queue_counts(pipe, self.keys(queue))
             pipe.zrange(service.workers, 0, -1, withscores=True)
             first = await pipe.execute()
-        seconds, micros = first[0]
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = time_ms(first[0])
         per_queue = [first[1 + 7 * i : 8 + 7 * i] for i in range(len(queues))]
         registry: list[tuple[bytes, float]] = first[-1]
         dead_before = now_ms - int(self.settings.stall_interval * 1000)
