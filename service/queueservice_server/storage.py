@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from queueservice_server.lifecycle import Lifecycle
 from queueservice_server.redis_client import sync_client
 from queueservice_server.settings import Settings
 from queueservice_server.slots import Slot
+from queueservice_server.supervisor import consumer_id
 from queueservice_server.timings import Attempt, Outcome
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
     def core(self) -> Lifecycle:
         if self._core is None or self._pid != os.getpid():
             self._pid = os.getpid()
-            # `host:consumer pid:process pid`: its registry entry (`host:consumer pid`) is a prefix.
-            worker_id = f"{socket.gethostname()}:{os.getppid()}:{self._pid}"
+            # Its consumer's registry id, then this process's pid.
+            worker_id = f"{consumer_id(os.getppid())}:{self._pid}"
             self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), worker_id)
         return self._core
 
@@ -148,7 +148,6 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             replies = core.execute(build)
             mono = time.monotonic()
             if index == 0:
-                self._pending = []
                 self._settled(settled)
             reply = replies[-1]
             now_ms, wait_ms = int(reply[0]), int(reply[1])
@@ -183,13 +182,14 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             self.core.settle(keys, attempts, pipe)
 
     def _settled(self, settled: list[tuple[Taken, Attempt]]) -> None:
+        """Redis has these outcomes: they are pending no more, and their jobs no longer held."""
+        self._pending = []
         for taken, _ in settled:
             self._held.pop(taken.job_id, None)
 
     def _flush(self) -> None:
         settled = self._pending
         self.core.execute(lambda pipe: self._queue_settles(pipe, settled))
-        self._pending = []
         self._settled(settled)
         self._publish_held()
 
@@ -206,7 +206,10 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             limit = timeout or self.settings.default_timeout
             self.slot.start(job_id, limit + self.settings.timeout_grace)
 
-    def _finished(self, job_id: str, outcome: Outcome, error: str = "", retry: tuple[bytes, int] | None = None) -> None:
+    def _finished(
+        self, job_id: str, outcome: Outcome, error: str = "", retry: tuple[bytes, float] | None = None
+    ) -> None:
+        """Records an attempt's outcome; `retry` is the next attempt's message and its delay (s)."""
         taken = self._held.get(job_id)
         if taken is None:
             log.warning("outcome of a job this worker does not hold was dropped", extra={"job_id": job_id})
@@ -217,7 +220,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         start = taken.start_mono or mono
         self._avg_run = 0.8 * self._avg_run + 0.2 * max(mono - start, 1e-6)
         finish_ms = taken.redis_ms(mono)
-        msg, due_ms = retry or (b"", 0)
+        msg, delay = retry or (b"", 0.0)
         attempt = Attempt(
             local_id=taken.local_id,
             task=taken.task,
@@ -228,7 +231,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             finish_ms=finish_ms,
             error=error,
             retry_msg=msg,
-            retry_due_ms=due_ms,
+            retry_due_ms=finish_ms + int(delay * 1000) if retry else 0,
         )
         if not self._pending:
             self._pending_since = mono
@@ -252,9 +255,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         """An attempt interrupted by shutdown goes back at once, not counted."""
         if self.slot is not None:
             self.slot.stop()
-        self.core.hand_back([job_id])
-        self._held.pop(job_id, None)
-        self._publish_held()
+        self._give_back([job_id])
 
     def shut_down(self) -> None:
         """Graceful stop: acks what finished, gives back what never started."""
@@ -264,19 +265,21 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             unstarted = [taken.job_id for taken, _ in self._buffer]
             self._buffer.clear()
             if unstarted:
-                self.core.hand_back(unstarted)
-            for job_id in unstarted:
-                self._held.pop(job_id, None)
+                self._give_back(unstarted)
         finally:
             self._publish_held()
+
+    def _give_back(self, job_ids: list[str]) -> None:
+        self.core.hand_back(job_ids)
+        for job_id in job_ids:
+            self._held.pop(job_id, None)
+        self._publish_held()
 
     def _retry(self, data: bytes, delay: float) -> None:
         if self.popped is None:
             raise RuntimeError("a retry with no job taken")
         job_id = self.popped.job_id
-        taken = self._held.get(job_id)
-        due_ms = taken.redis_ms(time.monotonic()) + int(delay * 1000) if taken else 0
-        self._finished(job_id, Outcome.RETRY, self.pending_errors.pop(job_id, ""), (data, max(due_ms, 1)))
+        self._finished(job_id, Outcome.RETRY, self.pending_errors.pop(job_id, ""), (data, delay))
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey re-enqueues a retry with no delay through here."""

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def consumer_id(pid: int) -> str:
+    """A consumer's id in the worker registry; its worker processes' ids extend it with their pid."""
+    return f"{socket.gethostname()}:{pid}"
+
+
 def resident_bytes(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -44,7 +49,7 @@ class Supervisor:
         self.settings = settings
         self.redis_url = redis_url
         self.slots = slots
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker_id = consumer_id(os.getpid())
         self.service_keys = ServiceKeys(settings.key_prefix)
         self.started_at = int(time.time() * 1000)
         self.period = settings.stall_interval / 4
@@ -116,18 +121,18 @@ class Supervisor:
             following = next_attempt(decode_message(fields[b"msg"]))
         except (MessageDecodeError, KeyError):
             following = None
-        retry = None if following is None else (following[0], now_ms + int(following[1] * 1000))
+        msg, delay = following or (b"", 0.0)
         attempt = Attempt(
             local_id=local,
             task=fields.get(b"task", b"").decode(),
-            outcome=Outcome.FAILED if retry is None else Outcome.RETRY,
+            outcome=Outcome.RETRY if following else Outcome.FAILED,
             attempt=int(fields.get(b"attempts", b"0")),
             ready_ms=int(fields.get(b"ready_at", b"0")),
             start_ms=int(fields.get(b"started_at", str(now_ms).encode())),
             finish_ms=now_ms,
             error=error,
-            retry_msg=retry[0] if retry else b"",
-            retry_due_ms=max(retry[1], 1) if retry else 0,
+            retry_msg=msg,
+            retry_due_ms=now_ms + int(delay * 1000) if following else 0,
         )
         self.core.settle(keys, [attempt])
         log.error("job killed at its hard timeout", extra={"job_id": job_id, "error": error})
