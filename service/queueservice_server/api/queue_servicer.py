@@ -8,7 +8,7 @@ from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.api.convert import job_to_proto, timestamp_ms
 from queueservice_server.api.errors import Context, invalid_argument, not_found, rpc
 from queueservice_server.api.validation import Validator
-from queueservice_server.producer import Enqueued, Producer
+from queueservice_server.core.producer import Enqueued, Producer
 
 
 def _responses(results: list[Enqueued]) -> list[queue_service_pb2.EnqueueResponse]:

@@ -10,7 +10,7 @@ from google.protobuf import duration_pb2
 from queueservice.v1 import queue_service_pb2
 from queueservice_server.api.convert import struct_to_dict
 from queueservice_server.api.errors import invalid_argument, not_found, resource_exhausted
-from queueservice_server.producer import JobSpec
+from queueservice_server.core.producer import JobSpec
 from queueservice_server.settings import QUEUE_NAME_RE, Settings
 from queueservice_server.tasks import TaskDef
 
@@ -95,7 +95,7 @@ class Validator:
             if request.HasField("max_attempts")
             else policy.max_attempts or self.settings.default_max_attempts,
             timeout=timeout or policy.timeout or self.settings.default_timeout,
-            retry_delay=policy.retry_delay if policy.retry_delay is not None else self.settings.retry_backoff_base,
+            retry_delay=policy.retry_delay if policy.retry_delay is not None else self.settings.retry_delay,
             retry_backoff=policy.retry_backoff,
             idempotency_key=request.idempotency_key,
         )

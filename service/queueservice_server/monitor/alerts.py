@@ -188,7 +188,7 @@ class Failing:
 
 
 @dataclass(frozen=True)
-class Context:
+class Situation:
     """What recommendations need besides the alerts."""
 
     subject: str
@@ -201,7 +201,7 @@ class Context:
     redis_memory: tuple[int, int] | None = None
 
 
-def recommendations(alerts: Sequence[Alert], seen: Observed, ctx: Context) -> list[str]:
+def recommendations(alerts: Sequence[Alert], seen: Observed, ctx: Situation) -> list[str]:
     kinds = {alert.kind for alert in alerts}
     advice: list[str] = []
     cap = ctx.capacity

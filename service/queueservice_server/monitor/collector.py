@@ -21,10 +21,10 @@ from collections import Counter
 import redis.asyncio
 import redis.exceptions
 
-from queueservice_server.api.errors import REDIS_DOWN
-from queueservice_server.keys import QueueKeys
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.redis import REDIS_DOWN
 from queueservice_server.monitor.figures import MINUTE_MS
-from queueservice_server.monitor.stats import Counts, Reader
+from queueservice_server.monitor.reader import Counts, Reader
 from queueservice_server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from queueservice_server.timings import bucket_upper_ms
+from queueservice_server.core.timings import bucket_upper_ms
 
 MINUTE_MS = 60_000
 # The trend compares the newer half of a window's full minutes with the older

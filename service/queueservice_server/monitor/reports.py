@@ -13,17 +13,17 @@ from dataclasses import dataclass
 
 from queueservice_server.monitor.alerts import (
     Alert,
-    Context,
     Kind,
     Level,
     Observed,
+    Situation,
     Thresholds,
     evaluate,
     level,
     recommendations,
 )
 from queueservice_server.monitor.figures import Distribution, Trend, Window
-from queueservice_server.monitor.stats import Counts, Reader, Reading, RedisFacts, WorkerEntry
+from queueservice_server.monitor.reader import Counts, Reader, Reading, RedisFacts, WorkerEntry
 from queueservice_server.settings import Settings
 
 
@@ -107,7 +107,7 @@ class Reports:
     ) -> Health:
         alerts = evaluate(seen, self.limits)
         failing = await self.reader.failing(queues) if any(a.kind is Kind.HIGH_FAILURE_RATE for a in alerts) else []
-        context = Context(
+        context = Situation(
             subject=subject_of(queues),
             capacity=reading.capacity(queues),
             rate_limit_per_minute=self.rate_limit_per_minute,

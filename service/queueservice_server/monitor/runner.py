@@ -8,11 +8,11 @@ import logging
 
 import redis.asyncio
 
-from queueservice_server.cancellation import stop_task
+from queueservice_server.core.cancellation import stop_task
 from queueservice_server.monitor.collector import Collector
-from queueservice_server.monitor.metrics import Metrics
+from queueservice_server.monitor.prometheus import Metrics
+from queueservice_server.monitor.reader import Reader
 from queueservice_server.monitor.reports import Reports
-from queueservice_server.monitor.stats import Reader
 from queueservice_server.monitor.streaming import TimingsHub
 from queueservice_server.settings import Settings
 

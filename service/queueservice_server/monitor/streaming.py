@@ -33,11 +33,11 @@ from typing import cast
 
 import redis.asyncio
 
-from queueservice_server.api.errors import REDIS_DOWN
-from queueservice_server.cancellation import stop_task
-from queueservice_server.keys import QueueKeys
+from queueservice_server.core.cancellation import stop_task
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.redis import REDIS_DOWN
+from queueservice_server.core.timings import Outcome
 from queueservice_server.settings import QUEUE_NAME_RE, Settings
-from queueservice_server.timings import Outcome
 
 log = logging.getLogger(__name__)
 

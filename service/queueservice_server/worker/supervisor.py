@@ -15,22 +15,17 @@ import socket
 import time
 from collections.abc import Sequence
 
-from queueservice_server.codec import MessageDecodeError, decode_message, next_attempt
-from queueservice_server.keys import ServiceKeys
-from queueservice_server.lifecycle import Lifecycle
-from queueservice_server.redis_client import sync_client
+from queueservice_server.core.codec import MessageDecodeError, decode_message, next_attempt
+from queueservice_server.core.keys import ServiceKeys
+from queueservice_server.core.redis import sync_client
+from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
-from queueservice_server.slots import Running, Slot
-from queueservice_server.timings import Attempt, Outcome
+from queueservice_server.worker.queue_ops import QueueOps, consumer_id
+from queueservice_server.worker.slots import Running, Slot
 
 log = logging.getLogger(__name__)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def consumer_id(pid: int) -> str:
-    """A consumer's id in the worker registry; its worker processes' ids extend it with their pid."""
-    return f"{socket.gethostname()}:{pid}"
 
 
 def resident_bytes(pids: Sequence[int]) -> int:
@@ -54,13 +49,13 @@ class Supervisor:
         self.started_at = int(time.time() * 1000)
         self.period = settings.stall_interval / 4
         self._next_beat = 0.0
-        self._core: Lifecycle | None = None
+        self._core: QueueOps | None = None
 
     @property
-    def core(self) -> Lifecycle:
+    def core(self) -> QueueOps:
         # Created on first use, after the worker processes were forked.
         if self._core is None:
-            self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), self.worker_id)
+            self._core = QueueOps(self.settings, sync_client(self.settings, self.redis_url), self.worker_id)
         return self._core
 
     def tick(self, pids: Sequence[int]) -> None:

@@ -7,18 +7,19 @@ take on one round trip.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
 import redis
 
-from queueservice_server.jobs import split_job_id
-from queueservice_server.keys import QueueKeys
-from queueservice_server.redis_client import time_ms
-from queueservice_server.scripts import Scripts, call, execute
+from queueservice_server.core.jobs import split_job_id
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.redis import time_ms
+from queueservice_server.core.scripts import Scripts, call, execute
+from queueservice_server.core.timings import Attempt, attempt_args, minute_figures
 from queueservice_server.settings import Settings
-from queueservice_server.timings import Attempt, attempt_args, minute_figures
 
 PROMOTE_BATCH = 1000
 REAP_BATCH = 1000
@@ -26,7 +27,12 @@ REAP_BATCH = 1000
 LIMIT_SLACK_MS = 250
 
 
-class Lifecycle:
+def consumer_id(pid: int) -> str:
+    """A consumer's id in the worker registry; its worker processes' ids extend it with their pid."""
+    return f"{socket.gethostname()}:{pid}"
+
+
+class QueueOps:
     def __init__(self, settings: Settings, client: redis.Redis, worker_id: str) -> None:
         self.settings = settings
         self.client = client

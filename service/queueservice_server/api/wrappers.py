@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-Handler = Any  # grpc.RpcMethodHandler: a namedtuple in grpcio, untyped in its stubs
-MethodWrapper = Callable[[str, Handler], Handler]
+MethodHandler = Any  # grpc.RpcMethodHandler: a namedtuple in grpcio, untyped in its stubs
+MethodWrapper = Callable[[str, MethodHandler], MethodHandler]
 
 
 class MalformedRequest:
@@ -34,7 +34,7 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def tolerant_decoding(method: str, handler: Handler) -> Handler:
+def tolerant_decoding(method: str, handler: MethodHandler) -> MethodHandler:
     if handler.request_deserializer is None:
         return handler
     return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
@@ -53,7 +53,7 @@ class _Registrar:
         # registered both ways in add_registered_method_handlers.
         return None
 
-    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, MethodHandler]) -> None:
         wrapped = {}
         for name, handler in method_handlers.items():
             result = handler

@@ -16,10 +16,9 @@ import pytest
 import redis
 
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc, job_pb2, queue_service_pb2
-from queueservice_server.keys import QueueKeys
+from queueservice_server.core.keys import QueueKeys
 from queueservice_server.settings import Settings
-from tests.support import WorkerProcess, job_hashes, wait_all, wait_for
-from tests.test_reliability import request, stub_for
+from tests.support import WorkerProcess, job_hashes, request, stub_for, wait_all, wait_for
 
 StartWorker = Callable[..., WorkerProcess]
 NO_SUCH_JOB = "default:" + "0" * 32

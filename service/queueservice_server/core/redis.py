@@ -17,12 +17,18 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.exceptions
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from queueservice_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+# What a Redis that is down, restarting or still loading its data raises: callers answer
+# UNAVAILABLE (API) or try again later (monitoring, workers).
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
 
 
 def time_ms(reply: tuple[Any, Any]) -> int:

@@ -15,14 +15,14 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2
 
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.redis import time_ms
 from queueservice_server.embedded import RedisServer
-from queueservice_server.keys import QueueKeys
-from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
-from tests.support import WorkerProcess, job_hashes, states, wait_all, wait_for
+from tests.support import WorkerProcess, job_hashes, request, states, stub_for, wait_all, wait_for
 
 Stub = queue_service_pb2_grpc.QueueServiceStub
 StartWorker = Callable[..., WorkerProcess]
@@ -33,16 +33,6 @@ JOBS = 500
 def lc(settings: Settings) -> Settings:
     """Settings whose tasks include the test tasks, and retention that keeps every job to count."""
     return replace(settings, task_modules=("tests.lifecycle_tasks",), keep_completed=100_000, keep_failed=1000)
-
-
-def stub_for(address: str) -> Stub:
-    return queue_service_pb2_grpc.QueueServiceStub(grpc.insecure_channel(address))
-
-
-def request(task: str, payload: dict[str, Any] | None = None, **fields: Any) -> queue_service_pb2.EnqueueRequest:
-    struct = struct_pb2.Struct()
-    struct.update(payload or {})
-    return queue_service_pb2.EnqueueRequest(task=task, payload=struct, **fields)
 
 
 def enqueue_counted(stub: Stub, counter: str, jobs: int, seconds: float) -> list[str]:

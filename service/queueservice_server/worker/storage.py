@@ -24,14 +24,13 @@ import redis
 from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
-from queueservice_server.codec import to_timestamp
-from queueservice_server.keys import QueueKeys
-from queueservice_server.lifecycle import Lifecycle
-from queueservice_server.redis_client import sync_client
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.redis import sync_client
+from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
-from queueservice_server.slots import Slot
-from queueservice_server.supervisor import consumer_id
-from queueservice_server.timings import Attempt, Outcome
+from queueservice_server.worker.queue_ops import QueueOps, consumer_id
+from queueservice_server.worker.serializer import to_timestamp
+from queueservice_server.worker.slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         super().__init__(name, **kwargs)
         self.settings = settings
         self.redis_url = redis_url
-        self._core: Lifecycle | None = None
+        self._core: QueueOps | None = None
         self._pid = 0
         self.slot: Slot | None = None
         self._buffer: deque[tuple[Taken, bytes]] = deque()
@@ -91,12 +90,12 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
 
     # Connections are per process: Huey forks its workers after building the storage.
     @property
-    def core(self) -> Lifecycle:
+    def core(self) -> QueueOps:
         if self._core is None or self._pid != os.getpid():
             self._pid = os.getpid()
             # Its consumer's registry id, then this process's pid.
             worker_id = f"{consumer_id(os.getppid())}:{self._pid}"
-            self._core = Lifecycle(self.settings, sync_client(self.settings, self.redis_url), worker_id)
+            self._core = QueueOps(self.settings, sync_client(self.settings, self.redis_url), worker_id)
         return self._core
 
     @property

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from queueservice_server.api.convert import struct_to_dict
-from queueservice_server.jobs import new_local_ids, split_job_id
+from queueservice_server.core.jobs import new_local_ids, split_job_id
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),

@@ -7,8 +7,8 @@ import logging
 import pytest
 import redis
 
+from queueservice_server.core.redis import client_options, sync_client
 from queueservice_server.embedded import free_port
-from queueservice_server.redis_client import client_options, sync_client
 from queueservice_server.settings import Settings
 
 

@@ -11,26 +11,16 @@ scheduling lives in Redis, on the Redis clock.
 
 from __future__ import annotations
 
-import calendar
-import datetime
 import functools
 from typing import Any
 
 import msgpack
-from huey.registry import Message
-from huey.serializer import Serializer
 
 FORMAT_VERSION = 2
 
 
 class MessageDecodeError(ValueError):
     """Bytes in the queue that are not a task message of ours."""
-
-
-def to_timestamp(value: datetime.datetime | None) -> float | None:
-    if value is None:
-        return None
-    return calendar.timegm(value.utctimetuple()) + value.microsecond / 1e6
 
 
 def _compact(value: float | None) -> float | int | None:
@@ -76,41 +66,6 @@ def decode_message(data: bytes) -> dict[str, Any]:
     if fields["timeout"] is not None and not isinstance(fields["timeout"], _NUMBER):
         raise MessageDecodeError("task message timeout is not numeric")
     return fields
-
-
-def huey_message(job_id: str, task: str, data: bytes) -> Message:
-    """The Huey message for one attempt of job `job_id` of `task`."""
-    fields = decode_message(data)
-    return Message(
-        id=job_id,
-        name=task,
-        retries=fields["retries"],
-        retry_delay=fields["retry_delay"],
-        args=(fields["payload"],),
-        kwargs={},
-        timeout=fields["timeout"],
-        retry_backoff=fields["retry_backoff"],
-    )
-
-
-class MsgpackSerializer(Serializer):  # type: ignore[misc]
-    """Huey serializer for our messages. Huey serializes a task it retries; it never
-    deserializes one here: the worker builds messages with `huey_message`, from the record."""
-
-    def _serialize(self, data: Message) -> bytes:
-        if data.on_complete or data.on_error or data.chord_config:
-            raise ValueError("task pipelines (then/error/chord) are not supported by the queue service")
-        return encode_message(
-            payload=data.args[0] if data.args else {},
-            retries=data.retries or 0,
-            retry_delay=data.retry_delay or 0,
-            retry_backoff=data.retry_backoff or 0,
-            timeout=data.timeout,
-        )
-
-    def _deserialize(self, data: bytes) -> Message:
-        # Huey's default here is pickle.loads: make sure nothing ever reaches it.
-        raise TypeError("queue messages are decoded with codec.huey_message, never by Huey")
 
 
 def _reencode(fields: dict[str, Any], retries: int, retry_delay: float) -> bytes:

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queueservice.v1 import admin_service_pb2 as pb
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2, queue_service_pb2_grpc
-from queueservice_server.keys import QueueKeys, ServiceKeys
+from queueservice_server.core.keys import QueueKeys, ServiceKeys
+from queueservice_server.core.redis import time_ms
 from queueservice_server.monitor.figures import MINUTE_MS
-from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
 from tests.support import ServerThread, WorkerProcess, wait_for
 

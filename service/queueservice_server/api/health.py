@@ -9,7 +9,7 @@ import redis.asyncio
 from grpc_health.v1 import health, health_pb2
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
-from queueservice_server.api.errors import REDIS_DOWN
+from queueservice_server.core.redis import REDIS_DOWN
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,8 @@ from huey.registry import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from queueservice_server.codec import (
-    MessageDecodeError,
-    MsgpackSerializer,
-    decode_message,
-    encode_message,
-    huey_message,
-)
+from queueservice_server.core.codec import MessageDecodeError, decode_message, encode_message
+from queueservice_server.worker.serializer import MsgpackSerializer, huey_message
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(),

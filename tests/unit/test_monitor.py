@@ -12,21 +12,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from queueservice_server.core.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_figures
 from queueservice_server.monitor.alerts import (
     Capacity,
-    Context,
     Failing,
     Kind,
     Level,
     Observed,
     Severity,
+    Situation,
     Thresholds,
     evaluate,
     level,
     recommendations,
 )
 from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Figures, Trend, Window, trend, window_minutes
-from queueservice_server.monitor.metrics import JOB_BUCKETS, histogram_buckets
+from queueservice_server.monitor.prometheus import JOB_BUCKETS, histogram_buckets
 from queueservice_server.monitor.streaming import (
     ORIGIN,
     CursorError,
@@ -40,7 +41,6 @@ from queueservice_server.monitor.streaming import (
     parse_event,
 )
 from queueservice_server.settings import Settings, SettingsError
-from queueservice_server.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_figures
 
 # Figures.
 
@@ -227,28 +227,28 @@ def test_thresholds_come_from_settings() -> None:
 
 
 def test_recommendations_follow_the_numbers() -> None:
-    busy = Context("queue 'default'", Capacity(workers=2, slots=4, busy=4))
+    busy = Situation("queue 'default'", Capacity(workers=2, slots=4, busy=4))
     seen = replace(QUIET, waiting=80, oldest_wait_s=40, avg_wait_s=45)
     advice = recommendations(evaluate(seen, LIMITS), seen, busy)
     assert any("All 4 worker slots" in line and "add workers" in line for line in advice)
 
-    nobody = Context("queue 'default'", Capacity(0, 0, 0))
+    nobody = Situation("queue 'default'", Capacity(0, 0, 0))
     assert any("No live worker" in line for line in recommendations([], replace(QUIET, waiting=1), nobody))
 
-    limited = Context("queue 'default'", Capacity(1, 4, 1), rate_limit_per_minute=100)
+    limited = Situation("queue 'default'", Capacity(1, 4, 1), rate_limit_per_minute=100)
     seen = replace(QUIET, waiting=80, oldest_wait_s=40, throughput_per_minute=99)
     assert any("rate limit" in line for line in recommendations(evaluate(seen, LIMITS), seen, limited))
 
-    failing = Context("queue 'default'", Capacity(1, 4, 0), failing=[Failing("billing.charge", 9, 20, "KeyError: x")])
+    failing = Situation("queue 'default'", Capacity(1, 4, 0), failing=[Failing("billing.charge", 9, 20, "KeyError: x")])
     seen = replace(QUIET, failure_rate=0.45)
     (line,) = recommendations(evaluate(seen, LIMITS), seen, failing)
     assert "'billing.charge'" in line and "KeyError" in line and "RetryFailed" in line
 
-    growing = Context("queue 'default'", Capacity(1, 4, 0), backlog_change=(10, 40, 5.0))
+    growing = Situation("queue 'default'", Capacity(1, 4, 0), backlog_change=(10, 40, 5.0))
     assert any("grew from 10 to 40" in line for line in recommendations([], QUIET, growing))
-    full = Context("queue 'default'", Capacity(1, 4, 0), redis_memory=(90, 100))
+    full = Situation("queue 'default'", Capacity(1, 4, 0), redis_memory=(90, 100))
     assert any("maxmemory" in line for line in recommendations([], QUIET, full))
-    assert recommendations([], QUIET, Context("queue 'default'", Capacity(1, 4, 0), redis_memory=(90, 0))) == []
+    assert recommendations([], QUIET, Situation("queue 'default'", Capacity(1, 4, 0), redis_memory=(90, 0))) == []
 
 
 # Streams: cursors, outcomes, buffers.

@@ -114,3 +114,83 @@ class ServiceKeys:
     def worker(self, worker_id: str) -> str:
         """HASH of one worker: host, pid, concurrency, busy, rss_bytes, queues, started_at, heartbeat_at."""
         return f"{self.prefix}:worker:{worker_id}"
+
+
+# Field names, in one place with the keys they live in. The Lua scripts (lua.py) use
+# the same names as literals; tests/unit/test_schema.py checks they use no others.
+
+
+class JobFields:
+    """The fields of a job's HASH (`QueueKeys.job`); `jobs.JobRecord` is their one decoder."""
+
+    TASK = "task"
+    MSG = "msg"  # the task message (codec.py)
+    STATE = "state"
+    PRIORITY = "priority"
+    SEQ = "seq"  # its place in the waiting order, kept when it goes back
+    ATTEMPTS = "attempts"
+    MAX_ATTEMPTS = "max_attempts"
+    TIMEOUT_MS = "timeout_ms"
+    STALLS = "stalls"
+    ERROR = "error"
+    WORKER = "worker"  # the holder of the current attempt
+    IDEMPOTENCY_KEY = "idempotency_key"
+    ENQUEUED_AT = "enqueued_at"
+    READY_AT = "ready_at"  # when the current attempt became ready to run
+    DUE_AT = "due_at"
+    STARTED_AT = "started_at"
+    FINISHED_AT = "finished_at"
+
+
+class CounterFields:
+    """The fields of a queue's counters HASH (`QueueKeys.counters`)."""
+
+    SEQ = "seq"
+    TIMINGS = "timings"
+    TOTAL_N = "total_n"
+    TOTAL_COMPLETED = "total_completed"
+    TOTAL_FAILED = "total_failed"
+    TOTAL_RETRIED = "total_retried"
+    EVICTED_COMPLETED = "evicted_completed"
+    EVICTED_FAILED = "evicted_failed"
+    STALLED = "stalled"
+
+
+class TimingFields:
+    """The fields of an entry of a queue's timings STREAM (`QueueKeys.timings`): one finished attempt."""
+
+    SEQ = "seq"
+    JOB = "job"  # local id
+    TASK = "task"
+    OUTCOME = "outcome"  # a timings.Outcome
+    ATTEMPT = "attempt"
+    WAIT = "wait"
+    PROC = "proc"
+    START = "start"
+    FINISH = "finish"
+    WORKER = "worker"
+    ERROR = "error"
+
+
+class SnapshotFields:
+    """The fields of an entry of a queue's snapshots STREAM (`QueueKeys.snapshots`)."""
+
+    WAITING = "waiting"
+    ACTIVE = "active"
+    DELAYED = "delayed"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    OLDEST_WAIT_MS = "oldest_wait_ms"
+
+
+class WorkerFields:
+    """The fields of a worker's registry HASH (`ServiceKeys.worker`)."""
+
+    HOST = "host"
+    PID = "pid"
+    CONCURRENCY = "concurrency"
+    BUSY = "busy"
+    RSS_BYTES = "rss_bytes"
+    QUEUES = "queues"
+    STARTED_AT = "started_at"
+    HEARTBEAT_AT = "heartbeat_at"

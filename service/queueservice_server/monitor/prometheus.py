@@ -11,8 +11,9 @@ same values (aggregate them across replicas with max(), not sum()):
                                                   a minute plus QUEUE_METRICS_INTERVAL)
   queueservice_redis_up                           whether the scrape could read Redis
 This process's own:
-  queueservice_rpc_requests_total{method,code}, queueservice_rpc_duration_seconds{method} (unary calls),
   queueservice_stream_subscribers, queueservice_stream_dropped_events_total
+  queueservice_rpc_requests_total{method,code}, queueservice_rpc_duration_seconds{method}
+    (registered on the same registry by api/rpc_metrics.py)
 
 Each server has a registry of its own, so several servers can live in one
 process (tests) without clashing.
@@ -23,20 +24,16 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
-import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from queueservice_server.api.interceptors import Handler
+from queueservice_server.core.timings import bucket_upper_ms
 from queueservice_server.monitor.figures import Distribution
-from queueservice_server.monitor.stats import Reader
+from queueservice_server.monitor.reader import Reader
 from queueservice_server.settings import Settings
-from queueservice_server.timings import bucket_upper_ms
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +114,9 @@ class QueueFigures:
         yield from (jobs, evicted, attempts, wait, processing)
 
 
-# A method handler's behavior: grpc-stubs types it for the sync server, grpc.aio calls it with its own context.
-Behavior = Callable[..., Any]
-
-
 class Metrics:
     def __init__(self, settings: Settings, reader: Reader) -> None:
         self.registry = CollectorRegistry()
-        self.rpc_requests = Counter(
-            "queueservice_rpc_requests",
-            "RPCs handled, by method and status code",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.rpc_seconds = Histogram(
-            "queueservice_rpc_duration_seconds", "Unary RPC latency", ["method"], registry=self.registry
-        )
         self.stream_subscribers = Gauge(
             "queueservice_stream_subscribers", "Open StreamTimings subscriptions", registry=self.registry
         )
@@ -159,53 +143,3 @@ class Metrics:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
-
-    def record(self, method: str, code: grpc.StatusCode) -> None:
-        self.rpc_requests.labels(method, code.name).inc()
-
-    def instrument(self, method: str, handler: Handler) -> Handler:
-        """Wraps one RPC method so that it is counted by final status code (and timed, if unary)."""
-        name = method.rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(name, handler.unary_unary))
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(name, handler.unary_stream))
-        return handler
-
-    @staticmethod
-    def _code(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> grpc.StatusCode:
-        if error is None:
-            return grpc.StatusCode.OK
-        if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            return grpc.StatusCode.CANCELLED
-        code: grpc.StatusCode | None = context.code()
-        return code or grpc.StatusCode.UNKNOWN
-
-    def _unary(self, name: str, behavior: Behavior) -> Behavior:
-        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
-            error: BaseException | None = None
-            try:
-                return await behavior(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.rpc_seconds.labels(name).observe(time.perf_counter() - started)
-                self.record(name, self._code(context, error))
-
-        return timed
-
-    def _stream(self, name: str, behavior: Behavior) -> Behavior:
-        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            error: BaseException | None = None
-            try:
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self.record(name, self._code(context, error))
-
-        return counted

@@ -23,12 +23,12 @@ from huey.consumer import Consumer, ProcessEnvironment, Worker
 from huey.exceptions import TaskTimeout
 from huey.registry import Registry
 
-from queueservice_server.codec import MsgpackSerializer, huey_message
 from queueservice_server.settings import Settings
-from queueservice_server.slots import Slot
-from queueservice_server.storage import QueueStorage, format_error
-from queueservice_server.supervisor import Supervisor
 from queueservice_server.tasks import TaskDef, load_tasks
+from queueservice_server.worker.serializer import MsgpackSerializer, huey_message
+from queueservice_server.worker.slots import Slot
+from queueservice_server.worker.storage import QueueStorage, format_error
+from queueservice_server.worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
 from queueservice_server.api.admin_servicer import AdminServicer
-from queueservice_server.api.interceptors import add_service, tolerant_decoding
+from queueservice_server.api.health import SERVICE_NAMES, RedisHealth
 from queueservice_server.api.queue_servicer import QueueServicer
+from queueservice_server.api.rpc_metrics import RpcMetrics
 from queueservice_server.api.validation import Validator
-from queueservice_server.cancellation import stop_task
-from queueservice_server.health import SERVICE_NAMES, RedisHealth
+from queueservice_server.api.wrappers import add_service, tolerant_decoding
+from queueservice_server.core.cancellation import stop_task
+from queueservice_server.core.producer import Producer
+from queueservice_server.core.redis import async_client
 from queueservice_server.monitor.runner import Monitoring
-from queueservice_server.producer import Producer
-from queueservice_server.redis_client import async_client
 from queueservice_server.settings import Settings
 from queueservice_server.tasks import load_tasks
 
@@ -85,7 +86,7 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     monitoring = Monitoring(settings, client)
     server = grpc.aio.server(options=server_options(settings))
     producer, validator = Producer(settings, client), Validator(settings, tasks)
-    wrappers = [tolerant_decoding, monitoring.metrics.instrument]
+    wrappers = [tolerant_decoding, RpcMetrics(monitoring.metrics.registry).instrument]
     add_service(
         server, queue_service_pb2_grpc.add_QueueServiceServicer_to_server, QueueServicer(producer, validator), wrappers
     )

@@ -19,10 +19,10 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
-from queueservice_server.keys import QueueKeys, ServiceKeys
+from queueservice_server.core.keys import QueueKeys, ServiceKeys
+from queueservice_server.core.redis import time_ms
 from queueservice_server.monitor.alerts import Capacity, Failing
 from queueservice_server.monitor.figures import MINUTE_MS, SCALAR_FIELDS, Figures, Window, window_minutes
-from queueservice_server.redis_client import time_ms
 from queueservice_server.settings import Settings
 
 # Recommendations name the failing task from this many of the newest attempts.

@@ -13,10 +13,10 @@ from typing import Any
 import msgpack
 import redis.asyncio
 
-from queueservice_server.codec import MessageDecodeError, decode_message, encode_message, fresh_message
-from queueservice_server.jobs import JobRecord, new_local_ids, split_job_id
-from queueservice_server.keys import QueueKeys
-from queueservice_server.scripts import Scripts, call, execute_async
+from queueservice_server.core.codec import MessageDecodeError, decode_message, encode_message, fresh_message
+from queueservice_server.core.jobs import JobRecord, new_local_ids, split_job_id
+from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.scripts import Scripts, call, execute_async
 from queueservice_server.settings import Settings
 
 

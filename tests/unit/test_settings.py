@@ -17,7 +17,7 @@ def test_defaults_match_the_design() -> None:
     assert (settings.keep_completed, settings.keep_failed) == (50, 25)
     assert settings.default_timeout == 300
     assert settings.default_max_attempts == 3
-    assert settings.retry_backoff_base == 2
+    assert settings.retry_delay == 2
     assert settings.stall_interval == 30
     assert settings.max_payload_bytes == 1024 * 1024
     assert settings.max_batch_size == 1000

@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from queueservice_server import lua
+from queueservice_server.core import lua
 
 
 @dataclass(frozen=True)
