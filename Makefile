@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos bench clean
+.PHONY: run test test-fast lint protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/queue-service serve
 
+# Everything CI runs: lint, then every lane (unit, integration, reliability) on each Redis version.
 test: lint
 	$(BIN)/pytest
+
+# The edit loop: unit + integration, without the slow reliability lane and without lint.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,8 +1,8 @@
 """`python -m bench [--quick] [--rows 1,3] [--output PATH]` (`make bench`).
 
 Runs the rows, prints one table and, for a full run of every row, writes it
-with the machine line to docs/benchmarks.md. A row that fails (or whose RPCs
-are not implemented yet) says so in its cell; the others still run.
+with the machine line to docs/benchmarks.md. A row that fails says so in its
+cell; the others still run.
 """
 
 from __future__ import annotations

@@ -20,8 +20,6 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-NOT_IMPLEMENTED = "n/a (not implemented yet)"
-
 
 def log(message: str) -> None:
     """Progress on stderr, so stdout carries only the table."""

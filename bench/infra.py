@@ -31,6 +31,7 @@ from queueservice_server.core.producer import JobSpec, Producer
 from queueservice_server.core.redis import async_client
 from queueservice_server.embedded import RedisServer, free_port
 from queueservice_server.settings import Settings
+from queueservice_server.tasks import TaskPolicy
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,11 +341,14 @@ class Bench:
             producer = Producer(settings, client)
             for start in range(0, count, chunk):
                 end = min(count, start + chunk)
-                await producer.enqueue(
-                    [JobSpec(queue=queue, task="diag.noop", payload={"n": i}) for i in range(start, end)]
-                )
+                await producer.enqueue([noop_spec(settings, i, queue) for i in range(start, end)])
         finally:
             await client.aclose()
+
+
+def noop_spec(settings: Settings, n: int, queue: str = QUEUE) -> JobSpec:
+    """A diag.noop job with payload {"n": n} and the settings' default policy."""
+    return JobSpec(queue=queue, task="diag.noop", payload={"n": n}, policy=TaskPolicy().resolve(settings))
 
 
 @contextmanager

@@ -1,6 +1,4 @@
-"""Rows 4 and 5: the operators' RPCs. Each row first asks the server; while an
-RPC answers UNIMPLEMENTED its row says so instead of failing, so the bench
-can be re-run as soon as the RPCs land.
+"""Rows 4 and 5: the operators' RPCs.
 
 Row 4: GetStats / GetPerformance latency, one call in flight, on three
 queues of one Redis holding 0, 100,000 and 1,000,000 waiting jobs, measured
@@ -23,15 +21,12 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-import grpc.aio
-
 from bench import echo_server
-from bench.harness import NOT_IMPLEMENTED, Row, Summary, interleaved, log, percentile, ratios, verdict
-from bench.infra import QUEUE, Bench, ClientLoop, echo_process, fresh_redis, serve_process, worker_process
+from bench.harness import Row, Summary, interleaved, log, percentile, ratios, verdict
+from bench.infra import QUEUE, Bench, ClientLoop, echo_process, fresh_redis, noop_spec, serve_process, worker_process
 from bench.rows_grpc import Load, Unary, closed_loop, ms, raw_unary
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.core.producer import JobSpec, Producer
+from queueservice_server.core.producer import Producer
 from queueservice_server.core.redis import async_client
 
 if TYPE_CHECKING:
@@ -44,16 +39,6 @@ def backlog_label(count: int) -> str:
     if count >= 1_000_000:
         return f"{count / 1_000_000:g}M"
     return f"{count / 1000:g}k" if count >= 1000 else str(count)
-
-
-async def unary_implemented(call: Unary, request: bytes) -> bool:
-    try:
-        await call(request, timeout=10)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            return False
-        raise
-    return True
 
 
 def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repeats: int) -> list[Row]:
@@ -80,19 +65,15 @@ def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repea
             echo_call = raw_unary(client.channel(echo.target), echo_server.METHOD)
             ours_channel = client.channel(ours.target)
             calls = {name: raw_unary(ours_channel, ADMIN + name) for name in requests}
-            live = [
-                name for name in requests if client.run(unary_implemented(calls[name], requests[name][backlogs[0]]))
-            ]
-            if live:
-                for backlog, queue in queues.items():
-                    log(f"  row 4: filling {queue} with {backlog:,} jobs")
-                    client.run(bench.fill_async(backlog, queue=queue, chunk=5000))
+            for backlog, queue in queues.items():
+                log(f"  row 4: filling {queue} with {backlog:,} jobs")
+                client.run(bench.fill_async(backlog, queue=queue, chunk=5000))
 
             def run(call: Unary, request: bytes) -> Load:
                 server = echo if call is echo_call else ours
                 return client.run(closed_loop(call, request, 1, seconds, server.cpu_seconds))
 
-            for name in live:
+            for name in requests:
                 series = [
                     *(partial(run, calls[name], requests[name][b]) for b in backlogs),
                     partial(run, echo_call, requests[name][backlogs[0]]),
@@ -103,9 +84,6 @@ def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repea
     rows = []
     for index, (name, title) in enumerate(titles.items()):
         label = f"4{'ab'[index]}"
-        if name not in results:
-            rows.append(Row.unavailable(label, title, NOT_IMPLEMENTED))
-            continue
         by_backlog, echo_loads = results[name]
         subject = "; ".join(
             f"{backlog_label(b)}: p50 {Summary.of([ms(x.p50) for x in loads]).fmt('ms')}, "
@@ -130,22 +108,6 @@ def row_stats(workdir: Path, *, backlogs: tuple[int, ...], seconds: float, repea
             )
         )
     return rows
-
-
-async def stream_implemented(stub: QueueAdminServiceAsyncStub) -> bool:
-    """UNIMPLEMENTED comes back at once; a served stream either sends or waits (and meets the deadline)."""
-    call = stub.StreamTimings(admin_service_pb2.StreamTimingsRequest(queue=QUEUE), timeout=1.5)
-    try:
-        async for _ in call:
-            break
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            return False
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise
-    finally:
-        call.cancel()
-    return True
 
 
 @dataclass
@@ -206,7 +168,7 @@ async def enqueue_paced(producer: Producer, jobs: int, pace: float | None) -> No
         if pace:
             await asyncio.sleep(max(0.0, start + offset / pace - time.perf_counter()))
         end = min(jobs, offset + chunk)
-        await producer.enqueue([JobSpec(queue=QUEUE, task="diag.noop", payload={"n": i}) for i in range(offset, end)])
+        await producer.enqueue([noop_spec(producer.settings, i) for i in range(offset, end)])
 
 
 async def fan_out(
@@ -227,7 +189,7 @@ async def fan_out(
         while not all(sub.latencies for sub in subs):
             if time.monotonic() > deadline:
                 raise TimeoutError("StreamTimings subscribers received nothing")
-            await producer.enqueue([JobSpec(queue=QUEUE, task="diag.noop", payload={})])
+            await producer.enqueue([noop_spec(settings, 0)])
             await asyncio.sleep(0.2)
         done_before = sum(bench.finished())
         for sub in subs:
@@ -287,8 +249,6 @@ def row_stream(workdir: Path, *, jobs: int, repeats: int, subscribers: int = 10,
         settings = bench.settings(worker_concurrency=2)
         with serve_process(settings, workdir) as ours, ClientLoop() as client:
             stub: QueueAdminServiceAsyncStub = admin_service_pb2_grpc.QueueAdminServiceStub(client.channel(ours.target))
-            if not client.run(stream_implemented(stub)):
-                return [Row.unavailable(label, title, NOT_IMPLEMENTED) for label, title in titles.items()]
             with worker_process(settings, workdir):
 
                 def run(n: int, burst: bool) -> FanOut:

@@ -19,7 +19,7 @@ from queueservice_server.worker.consumer import run_worker
 log = logging.getLogger(__name__)
 
 
-def _start_workers(settings: Settings, redis_url: str) -> subprocess.Popen[bytes]:
+def _start_workers(redis_url: str) -> subprocess.Popen[bytes]:
     """Workers run as their own process, started before any gRPC object exists."""
     env = {**os.environ, "QUEUE_REDIS_URL": redis_url}
     return subprocess.Popen([sys.executable, "-m", "queueservice_server", "worker"], env=env)
@@ -42,7 +42,7 @@ def cmd_serve(settings: Settings) -> None:
         embedded = RedisServer(settings.data_dir / "redis")
         embedded.start()
         redis_url = embedded.url
-    workers = _start_workers(settings, redis_url) if settings.run_workers_in_serve else None
+    workers = _start_workers(redis_url) if settings.run_workers_in_serve else None
     where = (
         f"embedded Redis at {redis_url}, data in {settings.data_dir.resolve()}" if embedded else f"Redis {redis_url}"
     )

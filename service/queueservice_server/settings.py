@@ -72,7 +72,7 @@ class Settings:
     metrics_address: str = ""
     performance_window: float = 3600.0
     stream_buffer: int = 1000
-    # Alerts look at the last `alert_window` seconds (whole minutes); thresholds as DESIGN.md says.
+    # Alerts look at the last `alert_window` seconds (whole minutes); thresholds from the original system.
     alert_window: float = 300.0
     alert_avg_wait: float = 30.0
     alert_avg_processing: float = 120.0

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from queueservice_server.settings import Settings
+
 TASK_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DIAG_MODULE = "queueservice_server.diag"
 
@@ -29,6 +31,25 @@ class TaskPolicy:
     max_attempts: int | None = None
     retry_delay: float | None = None
     retry_backoff: float = 2.0
+
+    def resolve(self, settings: Settings, *, max_attempts: int | None = None, timeout: float | None = None) -> Policy:
+        """One job's effective policy: the request's overrides, else this task's, else the settings'."""
+        return Policy(
+            max_attempts=max_attempts or self.max_attempts or settings.default_max_attempts,
+            timeout=timeout or self.timeout or settings.default_timeout,
+            retry_delay=self.retry_delay if self.retry_delay is not None else settings.retry_delay,
+            retry_backoff=self.retry_backoff,
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A job's effective retry and timeout policy."""
+
+    max_attempts: int
+    timeout: float
+    retry_delay: float
+    retry_backoff: float
 
 
 @dataclass(frozen=True)

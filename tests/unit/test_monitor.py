@@ -34,7 +34,6 @@ from queueservice_server.monitor.streaming import (
     Event,
     Filter,
     Position,
-    Result,
     Subscriber,
     decode_cursor,
     encode_cursor,
@@ -54,8 +53,17 @@ def minute_hash(attempts: list[Attempt]) -> dict[bytes, bytes]:
     return fields
 
 
-def attempt(wait: int, proc: int, outcome: Outcome = Outcome.COMPLETED) -> Attempt:
-    return Attempt(local_id="x", task="t", outcome=outcome, attempt=1, ready_ms=0, start_ms=wait, finish_ms=wait + proc)
+def attempt(wait: int, proc: int, outcome: Outcome = Outcome.COMPLETED, retried: bool = False) -> Attempt:
+    return Attempt(
+        local_id="x",
+        task="t",
+        outcome=outcome,
+        attempt=1,
+        ready_ms=0,
+        start_ms=wait,
+        finish_ms=wait + proc,
+        retry_msg=b"next" if retried else b"",
+    )
 
 
 @given(st.lists(st.integers(min_value=0, max_value=3_600_000), min_size=1, max_size=200), st.sampled_from([0.5, 0.95]))
@@ -70,9 +78,13 @@ def test_percentile_is_within_one_bucket_of_the_true_value(values: list[int], q:
 
 
 def test_figures_from_a_minute_hash() -> None:
-    attempts = [attempt(100, 500), attempt(300, 1500, Outcome.FAILED), attempt(200, 1000, Outcome.RETRY)]
+    attempts = [attempt(100, 500), attempt(300, 1500, Outcome.FAILED), attempt(200, 1000, Outcome.RETRY, retried=True)]
     figures = Figures.from_hash(minute_hash(attempts))
     assert (figures.attempts, figures.completed, figures.failed, figures.retried) == (3, 1, 1, 1)
+    # A timed-out attempt counts by the job's move: retried when another attempt follows, else failed.
+    timed_out = [attempt(0, 10, Outcome.TIMED_OUT, retried=True), attempt(0, 10, Outcome.TIMED_OUT)]
+    moves = Figures.from_hash(minute_hash(timed_out))
+    assert (moves.attempts, moves.completed, moves.failed, moves.retried) == (2, 0, 1, 1)
     assert figures.finished == 2
     assert figures.failure_rate == pytest.approx(2 / 3)
     assert figures.wait.avg_ms == 200
@@ -116,7 +128,7 @@ def test_trend(per_minute: list[float], expected: Trend) -> None:
 
 # Alerts and level.
 
-LIMITS = Thresholds()
+LIMITS = Thresholds.from_settings(Settings())
 QUIET = Observed(
     waiting=0,
     oldest_wait_s=0,
@@ -287,14 +299,14 @@ def test_position_before_includes_the_entry() -> None:
 @pytest.mark.parametrize(
     ("outcome", "error", "result"),
     [
-        ("COMPLETED", "", Result.COMPLETED),
-        ("FAILED", "RuntimeError: x", Result.FAILED),
-        ("RETRY", "RuntimeError: x", Result.RETRYING),
-        ("RETRY", "TaskTimeout: killed after running past its timeout", Result.TIMED_OUT),
-        ("FAILED", "TaskTimeout: killed", Result.TIMED_OUT),
+        ("COMPLETED", "", Outcome.COMPLETED),
+        ("FAILED", "RuntimeError: x", Outcome.FAILED),
+        ("RETRY", "RuntimeError: x", Outcome.RETRY),
+        ("TIMED_OUT", "TaskTimeout: killed after running past its timeout", Outcome.TIMED_OUT),
+        ("NONSENSE", "written by hand", Outcome.FAILED),
     ],
 )
-def test_stream_entries_parse(outcome: str, error: str, result: Result) -> None:
+def test_stream_entries_parse(outcome: str, error: str, result: Outcome) -> None:
     fields = {
         b"seq": b"7",
         b"job": b"abc",
@@ -309,11 +321,11 @@ def test_stream_entries_parse(outcome: str, error: str, result: Result) -> None:
         b"error": error.encode(),
     }
     event = parse_event("default", b"1030-4", fields)
-    assert (event.id, event.seq, event.result, event.attempt) == ((1030, 4), 7, result, 2)
+    assert (event.id, event.seq, event.outcome, event.attempt) == ((1030, 4), 7, result, 2)
     assert (event.wait_ms, event.proc_ms, event.start_ms, event.finish_ms) == (15, 30, 1000, 1030)
 
 
-def event(seq: int, task: str = "diag.noop", result: Result = Result.COMPLETED) -> Event:
+def event(seq: int, task: str = "diag.noop", result: Outcome = Outcome.COMPLETED) -> Event:
     return Event("default", (seq, 0), seq, f"j{seq}", task, result, 1, 0, 0, 0, 0)
 
 

@@ -1,4 +1,4 @@
-"""The Redis client tuning of DESIGN.md "Defaults", as handed to redis-py."""
+"""The Redis client tuning (timeouts, keep-alive, pool, TLS checks, retries), as handed to redis-py."""
 
 from __future__ import annotations
 

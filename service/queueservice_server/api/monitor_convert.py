@@ -6,11 +6,12 @@ from google.protobuf import duration_pb2
 
 from queueservice.v1 import admin_service_pb2 as pb
 from queueservice_server.api.convert import duration_ms, timestamp_ms
+from queueservice_server.core.timings import Outcome
 from queueservice_server.monitor.alerts import Alert, Kind, Level, Severity
 from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Trend
 from queueservice_server.monitor.reader import RedisFacts, WorkerEntry
 from queueservice_server.monitor.reports import Performance, QueueStats
-from queueservice_server.monitor.streaming import Delivery, Event, Result
+from queueservice_server.monitor.streaming import Delivery, Event
 
 LEVELS = {
     Level.EXCELLENT: pb.HEALTH_LEVEL_EXCELLENT,
@@ -27,13 +28,13 @@ KINDS = {
 }
 SEVERITIES = {Severity.WARNING: pb.ALERT_SEVERITY_WARNING, Severity.CRITICAL: pb.ALERT_SEVERITY_CRITICAL}
 TRENDS = {Trend.STABLE: pb.TREND_STABLE, Trend.RISING: pb.TREND_RISING, Trend.FALLING: pb.TREND_FALLING}
-RESULTS = {
-    Result.COMPLETED: pb.JOB_OUTCOME_COMPLETED,
-    Result.FAILED: pb.JOB_OUTCOME_FAILED,
-    Result.RETRYING: pb.JOB_OUTCOME_RETRYING,
-    Result.TIMED_OUT: pb.JOB_OUTCOME_TIMED_OUT,
+OUTCOMES = {
+    Outcome.COMPLETED: pb.JOB_OUTCOME_COMPLETED,
+    Outcome.FAILED: pb.JOB_OUTCOME_FAILED,
+    Outcome.RETRY: pb.JOB_OUTCOME_RETRYING,
+    Outcome.TIMED_OUT: pb.JOB_OUTCOME_TIMED_OUT,
 }
-OUTCOME_FILTERS = {value: key for key, value in RESULTS.items()}
+OUTCOME_FILTERS = {value: key for key, value in OUTCOMES.items()}
 
 
 def _ms(value: float) -> int:
@@ -154,7 +155,7 @@ def timing_to_proto(event: Event) -> pb.JobTiming:
         job_id=f"{event.queue}:{event.job}",
         task=event.task,
         queue=event.queue,
-        outcome=RESULTS[event.result],
+        outcome=OUTCOMES[event.outcome],
         attempt=event.attempt,
         # When the attempt became ready to run: its enqueue time, or the end of its delay or backoff.
         enqueue_time=timestamp_ms(ready_ms),

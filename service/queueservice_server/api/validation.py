@@ -83,20 +83,15 @@ class Validator:
                 f"{path}payload is {size} bytes; the limit is {self.settings.max_payload_bytes} bytes "
                 "(store large data elsewhere and enqueue a reference)",
             )
-        policy = definition.policy
+        max_attempts = request.max_attempts if request.HasField("max_attempts") else None
         return JobSpec(
             queue=queue,
             task=definition.name,
             payload=struct_to_dict(request.payload),
+            policy=definition.policy.resolve(self.settings, max_attempts=max_attempts, timeout=timeout),
             priority=request.priority,
             delay_ms=delay_ms,
             due_at_ms=due_at_ms,
-            max_attempts=request.max_attempts
-            if request.HasField("max_attempts")
-            else policy.max_attempts or self.settings.default_max_attempts,
-            timeout=timeout or policy.timeout or self.settings.default_timeout,
-            retry_delay=policy.retry_delay if policy.retry_delay is not None else self.settings.retry_delay,
-            retry_backoff=policy.retry_backoff,
             idempotency_key=request.idempotency_key,
         )
 

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from queueservice_server.core.keys import JobFields as F
 from queueservice_server.settings import QUEUE_NAME_RE
 
 
@@ -35,52 +36,63 @@ def split_job_id(job_id: str) -> tuple[str, str] | None:
     return queue, local
 
 
-def _ms(fields: Mapping[bytes, bytes], name: str) -> int | None:
-    raw = fields.get(name.encode())
-    return int(float(raw)) if raw else None
-
-
 @dataclass(frozen=True)
 class JobRecord:
-    """One job's hash, decoded. Times are Redis-clock milliseconds."""
+    """One job's hash (`keys.JobFields`), decoded: the only place that reads one. Times are
+    Redis-clock milliseconds; a time the job has not reached yet is None."""
 
     id: str
     queue: str
+    local_id: str
     task: str
     state: State
     msg: bytes
     priority: int
+    seq: int
     attempts: int
     max_attempts: int
     timeout_ms: int
+    stalls: int
     error: str
     worker: str
     idempotency_key: str
     enqueued_at: int
+    ready_at: int | None
     due_at: int | None
     started_at: int | None
     finished_at: int | None
 
     @classmethod
-    def from_hash(cls, job_id: str, queue: str, fields: Mapping[bytes, bytes]) -> JobRecord:
+    def from_hash(cls, queue: str, local_id: str, fields: Mapping[bytes, bytes]) -> JobRecord:
         def text(name: str) -> str:
-            return fields.get(name.encode(), b"").decode()
+            return fields.get(name.encode(), b"").decode(errors="replace")
+
+        def number(name: str) -> int:
+            return int(text(name) or 0)
+
+        def ms(name: str) -> int | None:
+            raw = text(name)
+            return int(float(raw)) if raw else None
 
         return cls(
-            id=job_id,
+            id=f"{queue}:{local_id}",
             queue=queue,
-            task=text("task"),
-            state=State(text("state")),
-            msg=fields.get(b"msg", b""),
-            priority=int(text("priority") or 0),
-            attempts=int(text("attempts") or 0),
-            max_attempts=int(text("max_attempts") or 0),
-            timeout_ms=int(text("timeout_ms") or 0),
-            error=text("error"),
-            worker=text("worker"),
-            idempotency_key=text("idempotency_key"),
-            enqueued_at=_ms(fields, "enqueued_at") or 0,
-            due_at=_ms(fields, "due_at"),
-            started_at=_ms(fields, "started_at"),
-            finished_at=_ms(fields, "finished_at"),
+            local_id=local_id,
+            task=text(F.TASK),
+            state=State(text(F.STATE)),
+            msg=fields.get(F.MSG.encode(), b""),
+            priority=number(F.PRIORITY),
+            seq=number(F.SEQ),
+            attempts=number(F.ATTEMPTS),
+            max_attempts=number(F.MAX_ATTEMPTS),
+            timeout_ms=number(F.TIMEOUT_MS),
+            stalls=number(F.STALLS),
+            error=text(F.ERROR),
+            worker=text(F.WORKER),
+            idempotency_key=text(F.IDEMPOTENCY_KEY),
+            enqueued_at=ms(F.ENQUEUED_AT) or 0,
+            ready_at=ms(F.READY_AT),
+            due_at=ms(F.DUE_AT),
+            started_at=ms(F.STARTED_AT),
+            finished_at=ms(F.FINISHED_AT),
         )

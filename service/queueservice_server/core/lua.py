@@ -187,7 +187,8 @@ for _, attempt in ipairs(held) do
     redis.call('HSET', key, 'state', 'COMPLETED', 'started_at', start, 'finished_at', finish, 'error', err)
     done[#done + 1] = finish
     done[#done + 1] = id
-  elseif outcome == 'FAILED' then
+  elseif msg == '' then
+    -- FAILED, or TIMED_OUT with no attempt left.
     redis.call('HSET', key, 'state', 'FAILED', 'started_at', start, 'finished_at', finish, 'error', err)
     redis.call('ZADD', KEYS[3], finish, id)
   else

@@ -14,10 +14,11 @@ import msgpack
 import redis.asyncio
 
 from queueservice_server.core.codec import MessageDecodeError, decode_message, encode_message, fresh_message
-from queueservice_server.core.jobs import JobRecord, new_local_ids, split_job_id
+from queueservice_server.core.jobs import JobRecord, State, new_local_ids, split_job_id
 from queueservice_server.core.keys import QueueKeys
-from queueservice_server.core.scripts import Scripts, call, execute_async
+from queueservice_server.core.scripts import Scripts, call, decode_enqueue, execute_async
 from queueservice_server.settings import Settings
+from queueservice_server.tasks import Policy
 
 
 @dataclass(frozen=True)
@@ -27,13 +28,10 @@ class JobSpec:
     queue: str
     task: str
     payload: dict[str, Any]
+    policy: Policy
     priority: int = 0
     delay_ms: int = 0
     due_at_ms: int = 0
-    max_attempts: int = 3
-    timeout: float = 300.0
-    retry_delay: float = 2.0
-    retry_backoff: float = 2.0
     idempotency_key: str = ""
 
 
@@ -78,11 +76,8 @@ class Producer:
             replies = await execute_async(self.client, self.scripts, build)
         results: list[Enqueued | None] = [None] * len(specs)
         for (queue, _), reply, indexes in zip(calls, replies, by_queue.values(), strict=True):
-            for n, index in enumerate(indexes):
-                local, dedup, at = reply[3 * n : 3 * n + 3]
-                results[index] = Enqueued(
-                    job_id=f"{queue}:{local.decode()}", enqueued_at_ms=int(at), deduplicated=bool(dedup)
-                )
+            for index, (local, dedup, at) in zip(indexes, decode_enqueue(reply), strict=True):
+                results[index] = Enqueued(job_id=f"{queue}:{local}", enqueued_at_ms=at, deduplicated=dedup)
         return [result for result in results if result is not None]
 
     def _enqueue_call(self, queue: str, specs: Sequence[JobSpec]) -> tuple[list[str], list[Any]]:
@@ -93,17 +88,17 @@ class Producer:
                 local,
                 encode_message(
                     payload=spec.payload,
-                    retries=spec.max_attempts - 1,
-                    retry_delay=spec.retry_delay,
-                    retry_backoff=spec.retry_backoff,
-                    timeout=spec.timeout,
+                    retries=spec.policy.max_attempts - 1,
+                    retry_delay=spec.policy.retry_delay,
+                    retry_backoff=spec.policy.retry_backoff,
+                    timeout=spec.policy.timeout,
                 ),
                 spec.task,
                 spec.priority,
                 spec.delay_ms,
                 spec.due_at_ms,
-                spec.max_attempts,
-                int(spec.timeout * 1000),
+                spec.policy.max_attempts,
+                int(spec.policy.timeout * 1000),
                 spec.idempotency_key,
             ]
             for local, spec in zip(new_local_ids(len(specs)), specs, strict=True)
@@ -121,7 +116,7 @@ class Producer:
         fields: dict[bytes, bytes] = await self.client.hgetall(self.keys(queue).job(local))  # type: ignore[assignment]
         if not fields:
             return None
-        return JobRecord.from_hash(job_id, queue, fields)
+        return JobRecord.from_hash(queue, local, fields)
 
     async def retry_failed(self, queue: str, job_ids: Sequence[str], task: str, limit: int) -> Retried:
         """Failed jobs of `queue` (those named, or all), of `task` if given, at most `limit` (0: all),
@@ -143,19 +138,21 @@ class Producer:
             locals_ = [member.decode() for member in members]
         async with self.client.pipeline(transaction=False) as pipe:
             for local in locals_:
-                pipe.hmget(keys.job(local), "msg", "task", "max_attempts", "state")
-            records: list[list[bytes | None]] = await pipe.execute()
+                pipe.hgetall(keys.job(local))
+            hashes: list[dict[bytes, bytes]] = await pipe.execute()
         chosen: list[str] = []
         pairs: list[str | bytes] = []
         not_failed: list[str] = []
-        for local, (msg, job_task, max_attempts, state) in zip(locals_, records, strict=True):
-            if state is None:
+        for local, fields in zip(locals_, hashes, strict=True):
+            if not fields:
                 not_found.append(f"{queue}:{local}")
-            elif state != b"FAILED":
-                not_failed.append(f"{queue}:{local}")
-            elif (not task or job_task == task.encode()) and (not limit or len(chosen) < limit):
+                continue
+            record = JobRecord.from_hash(queue, local, fields)
+            if record.state is not State.FAILED:
+                not_failed.append(record.id)
+            elif (not task or record.task == task) and (not limit or len(chosen) < limit):
                 chosen.append(local)
-                pairs += [local, self._fresh(msg or b"", int(max_attempts or 1))]
+                pairs += [local, self._fresh(record.msg, record.max_attempts or 1)]
         moved: set[bytes] = set()
         if pairs:
             moved = set(

@@ -1,4 +1,4 @@
-"""Redis clients tuned as DESIGN.md "Defaults" says, for the sync and async sides.
+"""Redis clients tuned for a queue, for the sync and async sides.
 
 hiredis parses replies when installed (the `server` extra brings it); commands
 time out after 5 s, connections after 10 s; TCP keep-alive at 30 s; idle
@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 # What a Redis that is down, restarting or still loading its data raises: callers answer
 # UNAVAILABLE (API) or try again later (monitoring, workers).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+def queued(pipe: Any) -> int:
+    """Where the reply of the command just queued on `pipe` will be in its execute() list, so
+    readers find replies by the name they kept rather than by counting offsets."""
+    return len(pipe.command_stack) - 1
 
 
 def time_ms(reply: tuple[Any, Any]) -> int:

@@ -49,6 +49,40 @@ class Scripts:
         return [getattr(self, f.name).script for f in fields(self)]
 
 
+@dataclass(frozen=True)
+class TakenJob:
+    """One job of a TAKE reply."""
+
+    local_id: str
+    msg: bytes
+    ready_ms: int
+    attempt: int
+    task: str
+
+
+@dataclass(frozen=True)
+class TakeReply:
+    now_ms: int
+    # When the rate limit let nothing be taken: ms until a token frees up (else 0).
+    wait_ms: int
+    jobs: list[TakenJob]
+
+    @classmethod
+    def decode(cls, reply: Sequence[Any]) -> TakeReply:
+        """{now, wait_ms, then per job: local id, msg, ready_at, attempt, task} (see lua.TAKE)."""
+        now_ms, wait_ms, *flat = reply
+        jobs = [
+            TakenJob(local.decode(), msg, int(ready), int(attempt), task.decode())
+            for local, msg, ready, attempt, task in zip(*[iter(flat)] * 5, strict=True)
+        ]
+        return cls(int(now_ms), int(wait_ms), jobs)
+
+
+def decode_enqueue(reply: Sequence[Any]) -> list[tuple[str, bool, int]]:
+    """Per job (local id, deduplicated, enqueued_at ms) from {id, dedup, at, ...} (see lua.ENQUEUE)."""
+    return [(local.decode(), bool(dedup), int(at)) for local, dedup, at in zip(*[iter(reply)] * 3, strict=True)]
+
+
 def call(script: Any, keys: Sequence[Any], args: Sequence[Any], pipe: Any = None) -> Any:
     """Runs `script` (when `pipe` is None) or queues it on `pipe` without redis-py's script check."""
     if pipe is None:

@@ -15,9 +15,9 @@ Buckets grow by BUCKET_RATIO, so a percentile read from them is within
 (BUCKET_RATIO - 1) of the true value.
 
 The timings STREAM (`QueueKeys.timings`) holds one entry per finished attempt
-with the fields seq (1, 2, ... per queue: a gap before the oldest retained
-entry is what a reader missed), job (local id), task, outcome, attempt,
-wait, proc, start, finish (ms), worker, error (first 500 characters).
+(`keys.TimingFields`): seq (1, 2, ... per queue: a gap before the oldest
+retained entry is what a reader missed), job (local id), task, outcome,
+attempt, wait, proc, start, finish (ms), worker, error (first 500 characters).
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ _LOG_RATIO = math.log(BUCKET_RATIO)
 
 
 class Outcome(enum.StrEnum):
+    """How an attempt ended: what the timings stream records and subscribers filter on."""
+
     COMPLETED = "COMPLETED"
+    # Failed with no attempt left: the job is FAILED.
     FAILED = "FAILED"
-    # The attempt failed and the job goes back for another one.
+    # Failed, and the job goes back for another attempt.
     RETRY = "RETRY"
+    # Ran past its time limit (interrupted by the soft timeout, or killed past the grace):
+    # retried when the attempt carries the next one's message, else the job is FAILED.
+    TIMED_OUT = "TIMED_OUT"
 
 
 def bucket(ms: float) -> int:
@@ -64,9 +70,16 @@ class Attempt:
     start_ms: int
     finish_ms: int
     error: str = ""
-    # For RETRY: the message for the next attempt and when it is due (ms, Redis clock).
+    # When another attempt follows: its message and when it is due (ms, Redis clock).
     retry_msg: bytes = b""
     retry_due_ms: int = 0
+
+    @property
+    def tally(self) -> str:
+        """The per-minute count this attempt adds to: the job's move, not how the attempt ended."""
+        if self.outcome is Outcome.COMPLETED:
+            return "completed"
+        return "retried" if self.retry_msg else "failed"
 
     @property
     def wait_ms(self) -> int:
@@ -93,9 +106,6 @@ def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
     ]
 
 
-_OUTCOME_FIELD = {Outcome.COMPLETED: "completed", Outcome.FAILED: "failed", Outcome.RETRY: "retried"}
-
-
 def minute_figures(attempts: Iterable[Attempt]) -> list[Any]:
     """Aggregates a batch into [wait_max, proc_max, total_max, {HINCRBY field: amount}],
     so one flush costs a few hash writes rather than a dozen per job."""
@@ -104,7 +114,7 @@ def minute_figures(attempts: Iterable[Attempt]) -> list[Any]:
     for attempt in attempts:
         wait, proc = attempt.wait_ms, attempt.proc_ms
         total = wait + proc
-        counts[_OUTCOME_FIELD[attempt.outcome]] += 1
+        counts[attempt.tally] += 1
         counts["wait_sum"] += wait
         counts["proc_sum"] += proc
         counts["total_sum"] += total

@@ -1,7 +1,7 @@
 """Alert rules, the health level, and recommendations: pure functions of the
 figures, so every replica that reads the same Redis says the same thing.
 
-Rules (thresholds from settings, defaults from DESIGN.md):
+Rules (thresholds from settings, QUEUE_ALERT_*):
   HIGH_WAIT_TIME        average wait of the window's attempts > QUEUE_ALERT_AVG_WAIT
   SLOW_PROCESSING       average processing > QUEUE_ALERT_AVG_PROCESSING
   LOW_THROUGHPUT        jobs finished per minute < QUEUE_ALERT_MIN_THROUGHPUT while jobs wait
@@ -56,12 +56,14 @@ class Level(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Thresholds:
-    avg_wait_s: float = 30.0
-    avg_processing_s: float = 120.0
-    min_throughput: float = 1.0
-    throughput_grace_s: float = 60.0
-    failure_rate: float = 0.10
-    backlog: int = 50
+    """The alert thresholds in force (QUEUE_ALERT_*; their defaults live in settings.py)."""
+
+    avg_wait_s: float
+    avg_processing_s: float
+    min_throughput: float
+    throughput_grace_s: float
+    failure_rate: float
+    backlog: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Thresholds:

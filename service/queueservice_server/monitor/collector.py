@@ -22,6 +22,7 @@ import redis.asyncio
 import redis.exceptions
 
 from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.keys import SnapshotFields as S
 from queueservice_server.core.redis import REDIS_DOWN
 from queueservice_server.monitor.figures import MINUTE_MS
 from queueservice_server.monitor.reader import Counts, Reader
@@ -75,12 +76,12 @@ class Collector:
         await self.client.xadd(
             keys.snapshots,
             {
-                "waiting": counts.waiting,
-                "active": counts.active,
-                "delayed": counts.delayed,
-                "completed": counts.completed,
-                "failed": counts.failed,
-                "oldest_wait_ms": counts.oldest_wait_ms,
+                S.WAITING: counts.waiting,
+                S.ACTIVE: counts.active,
+                S.DELAYED: counts.delayed,
+                S.COMPLETED: counts.completed,
+                S.FAILED: counts.failed,
+                S.OLDEST_WAIT_MS: counts.oldest_wait_ms,
             },
             maxlen=self.snapshots_kept,
             approximate=True,

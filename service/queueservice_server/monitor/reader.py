@@ -19,8 +19,14 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
+from queueservice_server.core.keys import CounterFields as C
+from queueservice_server.core.keys import JobFields as J
 from queueservice_server.core.keys import QueueKeys, ServiceKeys
-from queueservice_server.core.redis import time_ms
+from queueservice_server.core.keys import SnapshotFields as S
+from queueservice_server.core.keys import TimingFields as T
+from queueservice_server.core.keys import WorkerFields as W
+from queueservice_server.core.redis import queued, time_ms
+from queueservice_server.core.timings import Outcome
 from queueservice_server.monitor.alerts import Capacity, Failing
 from queueservice_server.monitor.figures import MINUTE_MS, SCALAR_FIELDS, Figures, Window, window_minutes
 from queueservice_server.settings import Settings
@@ -28,6 +34,8 @@ from queueservice_server.settings import Settings
 # Recommendations name the failing task from this many of the newest attempts.
 FAILURE_SAMPLE = 200
 _SCALAR_KEYS = tuple(name.encode() for name in SCALAR_FIELDS)
+_OUTCOME = T.OUTCOME.encode()
+_FAILURES = {outcome.value.encode() for outcome in (Outcome.FAILED, Outcome.RETRY, Outcome.TIMED_OUT)}
 
 
 @dataclass(frozen=True)
@@ -114,14 +122,40 @@ def _decode_worker(worker_id: str, heartbeat_ms: int, fields: dict[bytes, bytes]
 
     return WorkerEntry(
         id=worker_id,
-        host=text("host"),
-        pid=_int(text("pid")),
-        concurrency=_int(text("concurrency")),
-        busy=_int(text("busy")),
-        rss_bytes=_int(text("rss_bytes")),
-        queues=tuple(q for q in text("queues").split(",") if q),
+        host=text(W.HOST),
+        pid=_int(text(W.PID)),
+        concurrency=_int(text(W.CONCURRENCY)),
+        busy=_int(text(W.BUSY)),
+        rss_bytes=_int(text(W.RSS_BYTES)),
+        queues=tuple(q for q in text(W.QUEUES).split(",") if q),
         heartbeat_ms=heartbeat_ms,
     )
+
+
+@dataclass(frozen=True)
+class _CountReplies:
+    """Where one queue's count commands sit in a pipeline's replies."""
+
+    sets: tuple[int, ...]  # ZCARD of waiting, active, delayed, completed, failed
+    evicted: int
+    head: int
+
+    def decode(self, replies: Sequence[Any], oldest_wait_ms: int) -> Counts:
+        waiting, active, delayed, completed, failed = (replies[i] for i in self.sets)
+        evicted_completed, evicted_failed = replies[self.evicted]
+        return Counts(
+            waiting, active, delayed, completed, failed, _int(evicted_completed), _int(evicted_failed), oldest_wait_ms
+        )
+
+
+@dataclass(frozen=True)
+class _WindowReplies:
+    """Where one queue's window commands sit in a pipeline's replies."""
+
+    head_ready_at: int | None  # HGET of the head job's ready_at, when a job waits
+    minutes: tuple[int, ...]
+    first_snapshot: int
+    last_snapshot: int
 
 
 class Reader:
@@ -133,88 +167,75 @@ class Reader:
     def keys(self, queue: str) -> QueueKeys:
         return QueueKeys(self.settings.key_prefix, queue)
 
-    async def now_ms(self) -> int:
-        return time_ms(await self.client.time())
-
-    def _queue_counts(self, pipe: Any, keys: QueueKeys) -> None:
-        for key in (keys.waiting, keys.active, keys.delayed, keys.completed, keys.failed):
-            pipe.zcard(key)
-        pipe.hmget(keys.counters, "evicted_completed", "evicted_failed")
-        pipe.zrange(keys.waiting, 0, 0)
+    @staticmethod
+    def _queue_counts(pipe: Any, keys: QueueKeys) -> _CountReplies:
+        sets = tuple(
+            queued(pipe.zcard(key)) for key in (keys.waiting, keys.active, keys.delayed, keys.completed, keys.failed)
+        )
+        evicted = queued(pipe.hmget(keys.counters, C.EVICTED_COMPLETED, C.EVICTED_FAILED))
+        return _CountReplies(sets, evicted, head=queued(pipe.zrange(keys.waiting, 0, 0)))
 
     async def read(self, queues: Sequence[str], window_s: float, histograms: bool) -> Reading:
         """Counts, the minutes of the `window_s` seconds ending now (with their histograms when
         `histograms`), backlog snapshots over that window, and the live workers."""
         service = self.service_keys
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for queue in queues:
-                self._queue_counts(pipe, self.keys(queue))
-            pipe.zrange(service.workers, 0, -1, withscores=True)
+            clock = queued(pipe.time())
+            counted = [self._queue_counts(pipe, self.keys(queue)) for queue in queues]
+            registry_at = queued(pipe.zrange(service.workers, 0, -1, withscores=True))
             first = await pipe.execute()
-        now_ms = time_ms(first[0])
-        per_queue = [first[1 + 7 * i : 8 + 7 * i] for i in range(len(queues))]
-        registry: list[tuple[bytes, float]] = first[-1]
+        now_ms = time_ms(first[clock])
+        registry: list[tuple[bytes, float]] = first[registry_at]
         dead_before = now_ms - int(self.settings.stall_interval * 1000)
         live = [(member.decode(), int(score)) for member, score in registry if score >= dead_before]
         minutes = window_minutes(now_ms, window_s)
         since_ms = now_ms - int(window_s * 1000)
 
         async with self.client.pipeline(transaction=False) as pipe:
-            for queue, replies in zip(queues, per_queue, strict=True):
+            windows: list[_WindowReplies] = []
+            for queue, where in zip(queues, counted, strict=True):
                 keys = self.keys(queue)
-                head: list[bytes] = replies[6]
-                if head:
-                    pipe.hget(keys.job(head[0].decode()), "ready_at")
-                else:
-                    pipe.echo(b"")
-                for minute in minutes:
-                    if histograms:
-                        pipe.hgetall(keys.minute(minute))
-                    else:
-                        pipe.hmget(keys.minute(minute), *SCALAR_FIELDS)
-                pipe.xrange(keys.snapshots, min=str(since_ms), max="+", count=1)
-                pipe.xrevrange(keys.snapshots, max="+", min=str(since_ms), count=1)
-            for worker_id, _ in live:
-                pipe.hgetall(service.worker(worker_id))
+                head: list[bytes] = first[where.head]
+                windows.append(
+                    _WindowReplies(
+                        head_ready_at=queued(pipe.hget(keys.job(head[0].decode()), J.READY_AT)) if head else None,
+                        minutes=tuple(
+                            queued(
+                                pipe.hgetall(keys.minute(minute))
+                                if histograms
+                                else pipe.hmget(keys.minute(minute), *SCALAR_FIELDS)
+                            )
+                            for minute in minutes
+                        ),
+                        first_snapshot=queued(pipe.xrange(keys.snapshots, min=str(since_ms), max="+", count=1)),
+                        last_snapshot=queued(pipe.xrevrange(keys.snapshots, max="+", min=str(since_ms), count=1)),
+                    )
+                )
+            worker_hashes = [queued(pipe.hgetall(service.worker(worker_id))) for worker_id, _ in live]
             if len(live) < len(registry):
                 # Dead workers drop out of the registry (their hash expires on its own).
                 pipe.zremrangebyscore(service.workers, "-inf", f"({dead_before}")
             second = await pipe.execute()
 
         readings: list[QueueReading] = []
-        stride = len(minutes) + 3
-        for index, (queue, replies) in enumerate(zip(queues, per_queue, strict=True)):
-            part = second[index * stride : (index + 1) * stride]
-            ready_at = _int(part[0])
-            evicted = replies[5]
-            counts = Counts(
-                waiting=replies[0],
-                active=replies[1],
-                delayed=replies[2],
-                completed=replies[3],
-                failed=replies[4],
-                evicted_completed=_int(evicted[0]),
-                evicted_failed=_int(evicted[1]),
-                oldest_wait_ms=max(0, now_ms - ready_at) if replies[6] and ready_at else 0,
-            )
+        for queue, where, window in zip(queues, counted, windows, strict=True):
+            ready_at = _int(second[window.head_ready_at]) if window.head_ready_at is not None else 0
             figures = [
-                Figures.from_hash(raw if histograms else dict(zip(_SCALAR_KEYS, raw, strict=True)))
-                for raw in part[1 : 1 + len(minutes)]
+                Figures.from_hash(second[i] if histograms else dict(zip(_SCALAR_KEYS, second[i], strict=True)))
+                for i in window.minutes
             ]
             readings.append(
                 QueueReading(
                     queue=queue,
-                    counts=counts,
+                    counts=where.decode(first, max(0, now_ms - ready_at) if ready_at else 0),
                     window=Window(now_ms, list(zip(minutes, figures, strict=True))),
-                    backlog_change=_backlog_change(part[-2], part[-1]),
+                    backlog_change=_backlog_change(second[window.first_snapshot], second[window.last_snapshot]),
                 )
             )
-        worker_hashes = second[len(queues) * stride : len(queues) * stride + len(live)]
         workers = [
-            _decode_worker(worker_id, heartbeat, fields)
-            for (worker_id, heartbeat), fields in zip(live, worker_hashes, strict=True)
-            if fields
+            _decode_worker(worker_id, heartbeat, second[at])
+            for (worker_id, heartbeat), at in zip(live, worker_hashes, strict=True)
+            if second[at]
         ]
         return Reading(now_ms=now_ms, queues=readings, workers=workers)
 
@@ -230,10 +251,10 @@ class Reader:
         for entries in replies:
             for _, fields in entries:
                 sample += 1
-                if fields.get(b"outcome") in (b"FAILED", b"RETRY"):
-                    task = fields.get(b"task", b"").decode()
+                if fields.get(_OUTCOME) in _FAILURES:
+                    task = fields.get(T.TASK.encode(), b"").decode()
                     counts[task] += 1
-                    errors.setdefault(task, fields.get(b"error", b"").decode())
+                    errors.setdefault(task, fields.get(T.ERROR.encode(), b"").decode())
         return [Failing(task, count, sample, errors[task]) for task, count in counts.most_common()]
 
     async def redis_facts(self) -> RedisFacts:
@@ -257,20 +278,21 @@ class Reader:
     async def totals(self, queues: Sequence[str]) -> list[Totals]:
         """Counts, all-time outcome totals and folded histograms: one round trip."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for queue in queues:
-                keys = self.keys(queue)
-                self._queue_counts(pipe, keys)
-                pipe.hmget(keys.counters, "total_completed", "total_failed", "total_retried")
-                pipe.hgetall(keys.histograms)
+            asked = [
+                (
+                    self._queue_counts(pipe, self.keys(queue)),
+                    queued(pipe.hmget(self.keys(queue).counters, C.TOTAL_COMPLETED, C.TOTAL_FAILED, C.TOTAL_RETRIED)),
+                    queued(pipe.hgetall(self.keys(queue).histograms)),
+                )
+                for queue in queues
+            ]
             replies = await pipe.execute()
         found: list[Totals] = []
-        for index, queue in enumerate(queues):
-            part = replies[1 + 9 * index : 10 + 9 * index]
-            evicted, outcomes = part[5], part[7]
-            counts = Counts(part[0], part[1], part[2], part[3], part[4], _int(evicted[0]), _int(evicted[1]), 0)
-            completed, failed, retried = (_int(value) for value in outcomes)
-            found.append(Totals(queue, counts, completed, failed, retried, Figures.from_hash(part[8])))
+        for queue, (where, outcomes, folded) in zip(queues, asked, strict=True):
+            completed, failed, retried = (_int(value) for value in replies[outcomes])
+            found.append(
+                Totals(queue, where.decode(replies, 0), completed, failed, retried, Figures.from_hash(replies[folded]))
+            )
         return found
 
 
@@ -281,5 +303,6 @@ def _backlog_change(
         return None
     start_ms = int(first[0][0].split(b"-")[0])
     end_ms = int(last[0][0].split(b"-")[0])
-    before, after = _int(first[0][1].get(b"waiting")), _int(last[0][1].get(b"waiting"))
+    waiting = S.WAITING.encode()
+    before, after = _int(first[0][1].get(waiting)), _int(last[0][1].get(waiting))
     return before, after, (end_ms - start_ms) / MINUTE_MS

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -35,6 +34,7 @@ import redis.asyncio
 
 from queueservice_server.core.cancellation import stop_task
 from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.keys import TimingFields as T
 from queueservice_server.core.redis import REDIS_DOWN
 from queueservice_server.core.timings import Outcome
 from queueservice_server.settings import QUEUE_NAME_RE, Settings
@@ -49,21 +49,9 @@ CLOSE_WAIT_S = 1.0
 GONE_CHECK_S = 1.0
 MAX_CURSOR_CHARS = 4096
 _MAX_SEQ = 2**64 - 1
-# Supervisors record a killed attempt with this error prefix (see supervisor.py), and Huey's own
-# task timeout raises TaskTimeout too.
-TIMEOUT_PREFIX = "TaskTimeout"
 
 StreamId = tuple[int, int]
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
-
-
-class Result(enum.StrEnum):
-    """How an attempt ended, as subscribers filter and see it."""
-
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    RETRYING = "RETRYING"
-    TIMED_OUT = "TIMED_OUT"
 
 
 def parse_id(raw: bytes | str) -> StreamId:
@@ -102,7 +90,7 @@ class Event:
     seq: int
     job: str
     task: str
-    result: Result
+    outcome: Outcome
     attempt: int
     wait_ms: int
     proc_ms: int
@@ -112,16 +100,6 @@ class Event:
     @property
     def position(self) -> Position:
         return Position(self.id, self.seq)
-
-
-def _result(outcome: str, error: str) -> Result:
-    if error.startswith(TIMEOUT_PREFIX):
-        return Result.TIMED_OUT
-    if outcome == Outcome.COMPLETED:
-        return Result.COMPLETED
-    if outcome == Outcome.RETRY:
-        return Result.RETRYING
-    return Result.FAILED
 
 
 def parse_event(queue: str, raw_id: bytes | str, fields: Mapping[bytes, bytes]) -> Event:
@@ -134,18 +112,23 @@ def parse_event(queue: str, raw_id: bytes | str, fields: Mapping[bytes, bytes]) 
         except ValueError:
             return 0
 
+    try:
+        outcome = Outcome(text(T.OUTCOME))
+    except ValueError:
+        # Written by something other than SETTLE: shown as a failure rather than dropped.
+        outcome = Outcome.FAILED
     return Event(
         queue=queue,
         id=parse_id(raw_id),
-        seq=number("seq"),
-        job=text("job"),
-        task=text("task"),
-        result=_result(text("outcome"), text("error")),
-        attempt=number("attempt"),
-        wait_ms=number("wait"),
-        proc_ms=number("proc"),
-        start_ms=number("start"),
-        finish_ms=number("finish"),
+        seq=number(T.SEQ),
+        job=text(T.JOB),
+        task=text(T.TASK),
+        outcome=outcome,
+        attempt=number(T.ATTEMPT),
+        wait_ms=number(T.WAIT),
+        proc_ms=number(T.PROC),
+        start_ms=number(T.START),
+        finish_ms=number(T.FINISH),
     )
 
 
@@ -153,10 +136,10 @@ def parse_event(queue: str, raw_id: bytes | str, fields: Mapping[bytes, bytes]) 
 class Filter:
     queues: tuple[str, ...]
     task: str = ""
-    result: Result | None = None
+    outcome: Outcome | None = None
 
     def matches(self, event: Event) -> bool:
-        return (not self.task or event.task == self.task) and (self.result is None or event.result is self.result)
+        return (not self.task or event.task == self.task) and (self.outcome is None or event.outcome is self.outcome)
 
 
 class CursorError(ValueError):

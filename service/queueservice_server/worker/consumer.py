@@ -23,6 +23,7 @@ from huey.consumer import Consumer, ProcessEnvironment, Worker
 from huey.exceptions import TaskTimeout
 from huey.registry import Registry
 
+from queueservice_server.core.timings import Outcome
 from queueservice_server.settings import Settings
 from queueservice_server.tasks import TaskDef, load_tasks
 from queueservice_server.worker.serializer import MsgpackSerializer, huey_message
@@ -91,11 +92,13 @@ class QueueHuey(Huey):  # type: ignore[misc]
         storage = self.queue_storage
         if exc is None:
             storage.completed(task.id)
-        elif task.retries:
+            return
+        timed_out = isinstance(exc, TaskTimeout)
+        if task.retries:
             # Huey moves the job for its next attempt right after this hook.
-            storage.pending_errors[task.id] = format_error(exc)
+            storage.pending_errors[task.id] = (format_error(exc), Outcome.TIMED_OUT if timed_out else Outcome.RETRY)
         else:
-            storage.failed(task.id, format_error(exc))
+            storage.failed(task.id, format_error(exc), Outcome.TIMED_OUT if timed_out else Outcome.FAILED)
 
     def _hand_back(self, signal_name: str, task: Any) -> None:
         """An interrupted attempt goes back to waiting at once, for another worker."""

@@ -15,7 +15,7 @@ import msgpack
 import redis
 
 from queueservice_server.core.jobs import split_job_id
-from queueservice_server.core.keys import QueueKeys
+from queueservice_server.core.keys import QueueKeys, ServiceKeys
 from queueservice_server.core.redis import time_ms
 from queueservice_server.core.scripts import Scripts, call, execute
 from queueservice_server.core.timings import Attempt, attempt_args, minute_figures
@@ -39,6 +39,7 @@ class QueueOps:
         self.worker_id = worker_id
         self.scripts = Scripts.bind(client)
         self.keys = {queue: QueueKeys(settings.key_prefix, queue) for queue in settings.queues}
+        self.service_keys = ServiceKeys(settings.key_prefix)
 
     def locate(self, job_id: str) -> tuple[QueueKeys, str]:
         parts = split_job_id(job_id)
@@ -137,6 +138,24 @@ class QueueOps:
                 call(self.scripts.promote, promote_keys, [keys.job_prefix, PROMOTE_BATCH], pipe)
 
         self.execute(build)
+
+    def heartbeat(self, fields: dict[str, str | int]) -> None:
+        """This consumer's registry entry (`keys.WorkerFields`), stamped on the Redis clock; it expires
+        on its own after three stall intervals if never removed."""
+        keys = self.service_keys
+        self.scripts.heartbeat(
+            keys=[keys.workers, keys.worker(self.worker_id)],
+            args=[
+                self.worker_id,
+                max(3, int(self.settings.stall_interval * 3)),
+                *(item for pair in fields.items() for item in pair),
+            ],
+        )
+
+    def leave_registry(self) -> None:
+        keys = self.service_keys
+        self.client.zrem(keys.workers, self.worker_id)
+        self.client.delete(keys.worker(self.worker_id))
 
     def execute(self, build: Callable[[Any], None]) -> list[Any]:
         """Runs a pipeline of script calls in one round trip (see scripts.execute)."""

@@ -26,6 +26,7 @@ from huey.storage import BaseStorage
 
 from queueservice_server.core.keys import QueueKeys
 from queueservice_server.core.redis import sync_client
+from queueservice_server.core.scripts import TakeReply
 from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
 from queueservice_server.worker.queue_ops import QueueOps, consumer_id
@@ -85,8 +86,9 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         self._not_before = 0.0
         self._avg_run = BATCH_WINDOW
         self.popped: Taken | None = None
-        # Errors of attempts that Huey is about to retry, by job id: recorded with the retry move.
-        self.pending_errors: dict[str, str] = {}
+        # Errors of attempts that Huey is about to retry, by job id: recorded with the retry move
+        # with how the attempt ended (RETRY, or TIMED_OUT).
+        self.pending_errors: dict[str, tuple[str, Outcome]] = {}
 
     # Connections are per process: Huey forks its workers after building the storage.
     @property
@@ -148,25 +150,23 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             mono = time.monotonic()
             if index == 0:
                 self._settled(settled)
-            reply = replies[-1]
-            now_ms, wait_ms = int(reply[0]), int(reply[1])
-            if wait_ms:
-                self._not_before = mono + wait_ms / 1000
+            reply = TakeReply.decode(replies[-1])
+            if reply.wait_ms:
+                self._not_before = mono + reply.wait_ms / 1000
                 break
-            for i in range(2, len(reply), 5):
-                local, msg, ready, attempt, task = reply[i : i + 5]
+            for job in reply.jobs:
                 taken = Taken(
-                    f"{keys.queue}:{local.decode()}",
+                    f"{keys.queue}:{job.local_id}",
                     keys,
-                    local.decode(),
-                    task.decode(),
-                    int(ready),
-                    int(attempt),
-                    now_ms,
+                    job.local_id,
+                    job.task,
+                    job.ready_ms,
+                    job.attempt,
+                    reply.now_ms,
                     mono,
                 )
                 self._held[taken.job_id] = taken
-                self._buffer.append((taken, msg))
+                self._buffer.append((taken, job.msg))
             if self._buffer:
                 break
         if not settled and not self._buffer:
@@ -239,8 +239,9 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
     def completed(self, job_id: str) -> None:
         self._finished(job_id, Outcome.COMPLETED)
 
-    def failed(self, job_id: str, error: str) -> None:
-        self._finished(job_id, Outcome.FAILED, error)
+    def failed(self, job_id: str, error: str, outcome: Outcome = Outcome.FAILED) -> None:
+        """The attempt failed (FAILED or TIMED_OUT) with no attempt left."""
+        self._finished(job_id, outcome, error)
 
     def reject(self, error: str) -> None:
         """The job just taken cannot run (undecodable message, unknown task): it fails at once."""
@@ -278,7 +279,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         if self.popped is None:
             raise RuntimeError("a retry with no job taken")
         job_id = self.popped.job_id
-        self._finished(job_id, Outcome.RETRY, self.pending_errors.pop(job_id, ""), (data, delay))
+        error, outcome = self.pending_errors.pop(job_id, ("", Outcome.RETRY))
+        self._finished(job_id, outcome, error, (data, delay))
 
     def enqueue(self, data: bytes, priority: int | None = None) -> None:
         """Huey re-enqueues a retry with no delay through here."""

@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 
 from queueservice_server.core.codec import MessageDecodeError, decode_message, next_attempt
-from queueservice_server.core.keys import ServiceKeys
+from queueservice_server.core.jobs import JobRecord
+from queueservice_server.core.keys import WorkerFields as W
 from queueservice_server.core.redis import sync_client
 from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
@@ -45,7 +46,6 @@ class Supervisor:
         self.redis_url = redis_url
         self.slots = slots
         self.worker_id = consumer_id(os.getpid())
-        self.service_keys = ServiceKeys(settings.key_prefix)
         self.started_at = int(time.time() * 1000)
         self.period = settings.stall_interval / 4
         self._next_beat = 0.0
@@ -108,22 +108,23 @@ class Supervisor:
         fields: dict[bytes, bytes] = self.core.client.hgetall(keys.job(local))  # type: ignore[assignment]
         if not fields:
             return
-        limit = int(fields.get(b"timeout_ms", b"0")) / 1000 or self.settings.default_timeout
+        record = JobRecord.from_hash(keys.queue, local, fields)
+        limit = record.timeout_ms / 1000 or self.settings.default_timeout
         grace = self.settings.timeout_grace
         error = f"TaskTimeout: killed after running past its timeout of {limit:g}s plus {grace:g}s grace"
         now_ms = self.core.now_ms()
         try:
-            following = next_attempt(decode_message(fields[b"msg"]))
-        except (MessageDecodeError, KeyError):
+            following = next_attempt(decode_message(record.msg))
+        except MessageDecodeError:
             following = None
         msg, delay = following or (b"", 0.0)
         attempt = Attempt(
             local_id=local,
-            task=fields.get(b"task", b"").decode(),
-            outcome=Outcome.RETRY if following else Outcome.FAILED,
-            attempt=int(fields.get(b"attempts", b"0")),
-            ready_ms=int(fields.get(b"ready_at", b"0")),
-            start_ms=int(fields.get(b"started_at", str(now_ms).encode())),
+            task=record.task,
+            outcome=Outcome.TIMED_OUT,
+            attempt=record.attempts,
+            ready_ms=record.ready_at or 0,
+            start_ms=record.started_at or now_ms,
             finish_ms=now_ms,
             error=error,
             retry_msg=msg,
@@ -133,28 +134,16 @@ class Supervisor:
         log.error("job killed at its hard timeout", extra={"job_id": job_id, "error": error})
 
     def _heartbeat(self, pids: Sequence[int]) -> None:
-        keys = self.service_keys
-        busy = sum(1 for slot in self.slots if slot.running() is not None)
-        self.core.scripts.heartbeat(
-            keys=[keys.workers, keys.worker(self.worker_id)],
-            args=[
-                self.worker_id,
-                max(3, int(self.settings.stall_interval * 3)),
-                "host",
-                socket.gethostname(),
-                "pid",
-                os.getpid(),
-                "concurrency",
-                len(self.slots),
-                "busy",
-                busy,
-                "rss_bytes",
-                resident_bytes([os.getpid(), *pids]),
-                "queues",
-                ",".join(self.settings.queues),
-                "started_at",
-                self.started_at,
-            ],
+        self.core.heartbeat(
+            {
+                W.HOST: socket.gethostname(),
+                W.PID: os.getpid(),
+                W.CONCURRENCY: len(self.slots),
+                W.BUSY: sum(1 for slot in self.slots if slot.running() is not None),
+                W.RSS_BYTES: resident_bytes([os.getpid(), *pids]),
+                W.QUEUES: ",".join(self.settings.queues),
+                W.STARTED_AT: self.started_at,
+            }
         )
 
     def stopped(self) -> None:
@@ -162,8 +151,6 @@ class Supervisor:
         try:
             for slot in self.slots:
                 self._release(slot, exclude="")
-            keys = self.service_keys
-            self.core.client.zrem(keys.workers, self.worker_id)
-            self.core.client.delete(keys.worker(self.worker_id))
+            self.core.leave_registry()
         except Exception:
             log.exception("could not hand back held jobs at shutdown; the reaper will return them")
