@@ -26,19 +26,19 @@ from queueservice_server.monitor.alerts import (
     level,
     recommendations,
 )
-from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Figures, Trend, Window, trend, window_minutes
-from queueservice_server.monitor.prometheus import JOB_BUCKETS, histogram_buckets
-from queueservice_server.monitor.streaming import (
+from queueservice_server.monitor.events import (
     ORIGIN,
     CursorError,
     Event,
     Filter,
     Position,
-    Subscriber,
     decode_cursor,
     encode_cursor,
     parse_event,
 )
+from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Figures, Trend, Window, trend, window_minutes
+from queueservice_server.monitor.prometheus import JOB_BUCKETS, histogram_buckets
+from queueservice_server.monitor.streaming import Subscriber
 from queueservice_server.settings import Settings, SettingsError
 
 # Figures.

@@ -14,8 +14,8 @@ from queueservice_server.api.monitor_convert import (
 )
 from queueservice_server.api.validation import Validator
 from queueservice_server.core.producer import Producer
+from queueservice_server.monitor.events import CursorError, Filter, decode_cursor
 from queueservice_server.monitor.runner import Monitoring
-from queueservice_server.monitor.streaming import CursorError, Filter, decode_cursor
 
 MAX_RETRY_IDS = 10_000
 

@@ -8,10 +8,11 @@ from queueservice.v1 import admin_service_pb2 as pb
 from queueservice_server.api.convert import duration_ms, timestamp_ms
 from queueservice_server.core.timings import Outcome
 from queueservice_server.monitor.alerts import Alert, Kind, Level, Severity
+from queueservice_server.monitor.events import Event
 from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Trend
 from queueservice_server.monitor.reader import RedisFacts, WorkerEntry
 from queueservice_server.monitor.reports import Performance, QueueStats
-from queueservice_server.monitor.streaming import Delivery, Event
+from queueservice_server.monitor.streaming import Delivery
 
 LEVELS = {
     Level.EXCELLENT: pb.HEALTH_LEVEL_EXCELLENT,
