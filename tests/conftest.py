@@ -72,6 +72,12 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def redis_binary(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """The redis-server of the version this test runs on, for tests that stop and restart their own."""
+    return REDIS7 if request.node.callspec.params.get("redis_url") == "redis7" else redis_server_binary()
+
+
+@pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
     """Fast intervals, and a key prefix of its own so tests never see each other's keys."""
     return Settings(

@@ -25,6 +25,7 @@ from queueservice_server.core.keys import QueueKeys
 from queueservice_server.settings import Settings
 
 T = TypeVar("T")
+QueueStub = queue_service_pb2_grpc.QueueServiceStub
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,6 +37,15 @@ def request(task: str, payload: dict[str, Any] | None = None, **fields: Any) -> 
     struct = struct_pb2.Struct()
     struct.update(payload or {})
     return queue_service_pb2.EnqueueRequest(task=task, payload=struct, **fields)
+
+
+def enqueue_counted(
+    stub: queue_service_pb2_grpc.QueueServiceStub, counter: str, jobs: int, seconds: float
+) -> list[str]:
+    """`jobs` test.count jobs (tests/lifecycle_tasks.py) that sleep `seconds` and count each run in `counter`."""
+    batch = [request("test.count", {"n": n, "seconds": seconds, "counter": counter}) for n in range(jobs)]
+    response = stub.EnqueueBatch(queue_service_pb2.EnqueueBatchRequest(jobs=batch))
+    return [result.job_id for result in response.results]
 
 
 def process_env(settings: Settings) -> dict[str, str]:

@@ -13,32 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 import redis
 from google.protobuf import duration_pb2
 
-from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
+from queueservice.v1 import queue_service_pb2_grpc
 from queueservice_server.core.keys import QueueKeys
 from queueservice_server.core.redis import time_ms
 from queueservice_server.embedded import RedisServer
 from queueservice_server.settings import Settings
-from tests.support import WorkerProcess, job_hashes, request, states, stub_for, wait_all, wait_for
+from tests.support import WorkerProcess, enqueue_counted, job_hashes, request, states, stub_for, wait_all, wait_for
 
 Stub = queue_service_pb2_grpc.QueueServiceStub
 StartWorker = Callable[..., WorkerProcess]
 JOBS = 500
-
-
-@pytest.fixture
-def lc(settings: Settings) -> Settings:
-    """Settings whose tasks include the test tasks, and retention that keeps every job to count."""
-    return replace(settings, task_modules=("tests.lifecycle_tasks",), keep_completed=100_000, keep_failed=1000)
-
-
-def enqueue_counted(stub: Stub, counter: str, jobs: int, seconds: float) -> list[str]:
-    batch = [request("test.count", {"n": n, "seconds": seconds, "counter": counter}) for n in range(jobs)]
-    response = stub.EnqueueBatch(queue_service_pb2.EnqueueBatchRequest(jobs=batch))
-    return [result.job_id for result in response.results]
 
 
 def redis_ms(client: redis.Redis) -> int:

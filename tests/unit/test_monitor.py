@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from queueservice_server.core.timings import Attempt, Outcome, bucket, bucket_upper_ms, minute_figures
+from queueservice_server.core.timings import Attempt, Outcome, bucket, bucket_upper_ms
 from queueservice_server.monitor.alerts import (
     Capacity,
     Failing,
@@ -40,17 +40,9 @@ from queueservice_server.monitor.figures import MINUTE_MS, Distribution, Figures
 from queueservice_server.monitor.prometheus import JOB_BUCKETS, histogram_buckets
 from queueservice_server.monitor.streaming import Subscriber
 from queueservice_server.settings import Settings, SettingsError
+from tests.figures_model import minute_hash
 
 # Figures.
-
-
-def minute_hash(attempts: list[Attempt]) -> dict[bytes, bytes]:
-    """The hash SETTLE writes for these attempts (timings.minute_figures is what it adds)."""
-    *maxima, increments = minute_figures(attempts)
-    fields = {field.encode(): str(amount).encode() for field, amount in increments.items()}
-    for name, value in zip(("wait_max", "proc_max", "total_max"), maxima, strict=True):
-        fields[name.encode()] = str(value).encode()
-    return fields
 
 
 def attempt(wait: int, proc: int, outcome: Outcome = Outcome.COMPLETED, retried: bool = False) -> Attempt:
@@ -62,6 +54,7 @@ def attempt(wait: int, proc: int, outcome: Outcome = Outcome.COMPLETED, retried:
         ready_ms=0,
         start_ms=wait,
         finish_ms=wait + proc,
+        holder="h",
         retry_msg=b"next" if retried else b"",
     )
 

@@ -96,3 +96,16 @@ class JobRecord:
             started_at=ms(F.STARTED_AT),
             finished_at=ms(F.FINISHED_AT),
         )
+
+
+@dataclass(frozen=True)
+class Token:
+    """What fences one attempt of a job: the attempt number and the holder (a worker process's
+    id) that TAKE wrote into its record. A script given a stale token changes nothing."""
+
+    job_id: str
+    attempt: int
+    holder: str
+
+    def encode(self) -> str:
+        return f"{self.job_id}@{self.attempt}"

@@ -47,10 +47,21 @@ class QueueKeys:
 
     @property
     def counters(self) -> str:
-        """HASH of running totals: seq (waiting order), timings (stream entries ever written),
-        total_n / total_completed / total_failed / total_retried (finished attempts),
-        evicted_completed, evicted_failed (retention), stalled (reaped)."""
+        """HASH of running totals (`CounterFields`): seq (waiting order), timings (stream entries
+        ever written), total_n / total_completed / total_failed / total_retried (finished
+        attempts), evicted_completed, evicted_failed (retention), stalled (reaped)."""
         return f"{self.base}:counters"
+
+    @property
+    def consumers(self) -> str:
+        """ZSET consumer id -> its last lease renewal on this queue (ms): the reaper leaves alone
+        the unexpired jobs of a consumer that renews."""
+        return f"{self.base}:consumers"
+
+    def take(self, holder: str) -> str:
+        """STRING `token id,id,...`: a worker process's last take, kept one lease so that a re-sent
+        TAKE returns the same jobs (see lua.TAKE)."""
+        return f"{self.base}:take:{holder}"
 
     @property
     def limiter(self) -> str:

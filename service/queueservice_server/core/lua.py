@@ -2,10 +2,18 @@
 
 Scripts take their clock from Redis `TIME`, so every host stamps jobs with the
 same clock. Job ids inside the sorted sets are local ids (the part after
-`queue:`); job hash keys are the queue's job prefix plus that id.
+`queue:`); job hash keys are the queue's job prefix plus that id. Field names
+are those of `keys.py`.
+
+Every state change is one script, and every script is safe to run twice with
+the same arguments (a client whose connection broke may send it again, and a
+worker re-sends what it could not confirm): each header says why. A job that
+a worker holds is fenced by its token, the attempt number and holder that
+TAKE wrote into the job's hash: a script given a stale token changes nothing
+and says so.
 """
 
-# Shared prologue: `now` in milliseconds from the Redis clock.
+# Shared prologue: `now` in milliseconds from the Redis clock, and the helpers.
 _NOW = """
 local __t = redis.call('TIME')
 local now = tonumber(__t[1]) * 1000 + math.floor(tonumber(__t[2]) / 1000)
@@ -41,11 +49,70 @@ local function fail(key, id, failed, error, keep, counters, prefix)
   redis.call('ZADD', failed, now, id)
   retain(failed, keep, counters, 'evicted_failed', prefix)
 end
+-- Whether the job in `key` is still held under this token (the attempt and holder TAKE wrote).
+local function holds(key, attempt, holder)
+  local job = redis.call('HMGET', key, 'attempts', 'worker')
+  return job[1] == tostring(attempt) and job[2] == holder
+end
+-- Per-minute figures of the attempts a script recorded (see timings.py): counted
+-- here, over exactly what was written, so a re-sent or stale batch adds nothing.
+local LOG_RATIO = math.log(1.25)
+local function bucket(ms)
+  if ms < 1 then return 0 end
+  return math.floor(math.log(ms) / LOG_RATIO) + 1
+end
+local function tally(figures, move, wait, proc)
+  local total = wait + proc
+  for _, field in ipairs({'n', move, 'w:' .. bucket(wait), 'p:' .. bucket(proc), 't:' .. bucket(total)}) do
+    figures[field] = (figures[field] or 0) + 1
+  end
+  figures.wait_sum = (figures.wait_sum or 0) + wait
+  figures.proc_sum = (figures.proc_sum or 0) + proc
+  figures.total_sum = (figures.total_sum or 0) + total
+  figures.wait_max = math.max(figures.wait_max or 0, wait)
+  figures.proc_max = math.max(figures.proc_max or 0, proc)
+  figures.total_max = math.max(figures.total_max or 0, total)
+end
+local TOTALS = {n = 'total_n', completed = 'total_completed', failed = 'total_failed', retried = 'total_retried'}
+local MAXIMA = {wait_max = true, proc_max = true, total_max = true}
+local function write_figures(figures, minute_prefix, ttl, counters)
+  if not figures.n then return end
+  local minute = minute_prefix .. math.floor(now / 60000)
+  for field, amount in pairs(figures) do
+    if MAXIMA[field] then
+      if amount > tonumber(redis.call('HGET', minute, field) or '-1') then redis.call('HSET', minute, field, amount) end
+    else
+      redis.call('HINCRBY', minute, field, amount)
+      if TOTALS[field] then redis.call('HINCRBY', counters, TOTALS[field], amount) end
+    end
+  end
+  redis.call('EXPIRE', minute, ttl)
+end
+-- One timings stream entry; `seq` numbers the queue's entries so readers can tell what they missed.
+local function emit(stream, maxlen, seq, id, task, outcome, attempt, wait, start, finish, worker, err)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'seq', seq, 'job', id, 'task', task,
+    'outcome', outcome, 'attempt', attempt, 'wait', wait, 'proc', finish - start,
+    'start', start, 'finish', finish, 'worker', worker, 'error', string.sub(err, 1, 500))
+end
+-- A job that fails outside any worker's outcome (stalled too often, no record): its
+-- record, its timings entry and its figures, like any other failed attempt.
+local function fail_recorded(key, id, failed, error, keep, counters, prefix, stream, maxlen, figures)
+  local job = redis.call('HMGET', key, 'task', 'attempts', 'ready_at', 'started_at', 'worker')
+  local start = tonumber(job[4] or '') or now
+  local wait = math.max(0, start - (tonumber(job[3] or '') or start))
+  fail(key, id, failed, error, keep, counters, prefix)
+  emit(stream, maxlen, redis.call('HINCRBY', counters, 'timings', 1), id, job[1] or '', 'FAILED',
+    tonumber(job[2] or '0'), wait, start, now, job[5] or '', error)
+  tally(figures, 'failed', wait, math.max(0, now - start))
+end
 """
 
 # Creates a batch of jobs of one queue, or for a known idempotency key returns
 # the first job of that key. The batch comes as one msgpack argument, so a
 # thousand jobs cost one command to parse rather than fifteen thousand.
+# Safe to re-run: job ids are random and chosen by the caller, so a job whose
+# record exists was written by an earlier run of this very call; it is
+# returned as it is, never overwritten (a worker may have taken it meanwhile).
 # KEYS: waiting, delayed, counters
 # ARGV: job_prefix, idempotency_prefix, idempotency_ttl_ms, jobs: a msgpack list of
 #       [local_id, msg, task, priority, delay_ms, due_at_ms, max_attempts, timeout_ms, idempotency_key]
@@ -58,18 +125,22 @@ local out = {}
 local seq = redis.call('HINCRBY', KEYS[3], 'seq', #jobs) - #jobs
 for _, job in ipairs(jobs) do
   local id, msg, task, priority, delay, due, max_attempts, timeout, idem = unpack(job)
+  local key = ARGV[1] .. id
   local idem_key, existing = nil, nil
   if idem ~= '' then
     idem_key = ARGV[2] .. idem
     existing = redis.call('GET', idem_key)
   end
-  if existing then
+  if existing and existing ~= id then
     out[#out + 1] = existing
     out[#out + 1] = 1
     out[#out + 1] = redis.call('HGET', ARGV[1] .. existing, 'enqueued_at') or now
+  elseif redis.call('EXISTS', key) == 1 then
+    out[#out + 1] = id
+    out[#out + 1] = 0
+    out[#out + 1] = redis.call('HGET', key, 'enqueued_at')
   else
     seq = seq + 1
-    local key = ARGV[1] .. id
     if delay > 0 then due = now + delay end
     redis.call('HSET', key, 'task', task, 'msg', msg, 'priority', priority, 'max_attempts', max_attempts,
       'timeout_ms', timeout, 'attempts', 0, 'enqueued_at', now, 'ready_at', now, 'seq', seq)
@@ -94,19 +165,48 @@ return out
 )
 
 # Takes up to `count` waiting jobs, highest priority first, into the active set
-# under a lease. With a rate limit, takes only as many as the sliding window
-# has room for, and otherwise says how long until a token frees up: a worker
-# waits for a token, it never takes a job to put it back. A member with no
-# job record (written by hand) is failed with an error, not dropped.
-# KEYS: waiting, active, limiter, counters, failed
-# ARGV: count, lease_ms, worker_id, job_prefix, limit_max, limit_window_ms,
-#       limit_slack_ms, keep_failed
+# under a lease, each fenced by its new attempt number and the holder. With a
+# rate limit, takes only as many as the sliding window has room for, and
+# otherwise says how long until a token frees up (only when jobs wait: an
+# empty queue never says "wait"); a worker waits for a token, it never takes a
+# job to put it back. A member with no job record (written by hand) is failed
+# with an error, not dropped.
+# Safe to re-run: the call's token and the ids it took are kept for one lease
+# under the holder's take key; a second run with the same token returns those
+# jobs (the ones the holder still holds) instead of taking more, so a reply
+# lost on the way orphans no lease.
+# KEYS: waiting, active, limiter, counters, failed, take (the holder's), timings
+# ARGV: count, lease_ms, holder, job_prefix, limit_max, limit_window_ms,
+#       limit_slack_ms, keep_failed, token, stream_maxlen, minute_prefix, minute_ttl_s
 # Returns {now, wait_ms, then per job: local id, msg, ready_at, attempt, task}.
 TAKE = (
     _NOW
     + """
+local prefix, holder, token = ARGV[4], ARGV[3], ARGV[9]
+local last = redis.call('GET', KEYS[6])
+if last then
+  local sep = string.find(last, ' ', 1, true)
+  if string.sub(last, 1, sep - 1) == token then
+    local out = {now, 0}
+    for id in string.gmatch(string.sub(last, sep + 1), '[^,]+') do
+      local job = redis.call('HMGET', prefix .. id, 'msg', 'ready_at', 'task', 'attempts', 'worker')
+      if job[5] == holder and redis.call('ZSCORE', KEYS[2], id) then
+        out[#out + 1] = id
+        out[#out + 1] = job[1]
+        out[#out + 1] = job[2] or now
+        out[#out + 1] = tonumber(job[4])
+        out[#out + 1] = job[3] or ''
+      end
+    end
+    return out
+  end
+end
 local count = tonumber(ARGV[1])
+local ids = redis.call('ZRANGE', KEYS[1], 0, count - 1)
+local out = {now, 0}
+if #ids == 0 then return out end
 local limit = tonumber(ARGV[5])
+local takes = {}
 if limit > 0 then
   local window = tonumber(ARGV[6])
   -- A token frees a little after its window so that starts, which follow
@@ -118,22 +218,20 @@ if limit > 0 then
     local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
     return {now, tonumber(oldest[2]) + span - now + 1}
   end
-  count = math.min(count, limit - used)
+  while #ids > limit - used do table.remove(ids) end
 end
-local ids = redis.call('ZRANGE', KEYS[1], 0, count - 1)
-local out = {now, 0}
-if #ids == 0 then return out end
 redis.call('ZREM', KEYS[1], unpack(ids))
-local leases, takes = {}, {}
+local leases, taken, figures = {}, {}, {}
 local until_ms = now + tonumber(ARGV[2])
 for _, id in ipairs(ids) do
-  local key = ARGV[4] .. id
+  local key = prefix .. id
   local job = redis.call('HMGET', key, 'msg', 'ready_at', 'task', 'attempts')
   if job[1] then
     leases[#leases + 1] = until_ms
     leases[#leases + 1] = id
+    taken[#taken + 1] = id
     local attempt = tonumber(job[4] or '0') + 1
-    redis.call('HSET', key, 'state', 'ACTIVE', 'attempts', attempt, 'started_at', now, 'worker', ARGV[3],
+    redis.call('HSET', key, 'state', 'ACTIVE', 'attempts', attempt, 'started_at', now, 'worker', holder,
       'finished_at', '')
     if limit > 0 then
       takes[#takes + 1] = now
@@ -146,49 +244,64 @@ for _, id in ipairs(ids) do
     out[#out + 1] = job[3] or ''
   else
     redis.call('HSET', key, 'task', '', 'enqueued_at', now, 'attempts', 0)
-    fail(key, id, KEYS[5], 'no job record: a member was written into the waiting set by hand',
-      tonumber(ARGV[8]), KEYS[4], ARGV[4])
+    fail_recorded(key, id, KEYS[5], 'no job record: a member was written into the waiting set by hand',
+      tonumber(ARGV[8]), KEYS[4], prefix, KEYS[7], ARGV[10], figures)
   end
 end
-if #leases > 0 then redis.call('ZADD', KEYS[2], unpack(leases)) end
+if #leases > 0 then
+  redis.call('ZADD', KEYS[2], unpack(leases))
+  redis.call('SET', KEYS[6], token .. ' ' .. table.concat(taken, ','), 'PX', ARGV[2])
+end
 if #takes > 0 then redis.call('ZADD', KEYS[3], unpack(takes)) end
+write_figures(figures, ARGV[11], ARGV[12], KEYS[4])
 return out
 """
 )
 
 # Records a batch of finished attempts (one queue): outcome and times on the
-# job record, the finished sets with retention, a retry's next move, one
-# timings stream entry per attempt (numbered by counters.timings, so a reader
-# can tell how many it missed), the batch's per-minute figures, and running
-# totals in counters (total_n, total_completed, total_failed, total_retried).
-# An attempt whose job is no longer held (reaped meanwhile) changes no job.
+# job record, the finished sets with retention, a retry's next move (when the
+# attempt carries the next one's message; else a failed or timed-out attempt
+# fails the job), one timings stream entry per attempt, and the per-minute
+# figures and running totals of exactly the attempts it recorded.
+# Safe to re-run: an attempt is recorded only while its job is in the active
+# set under the attempt's token, and recording removes it from there; a
+# re-sent or stale attempt (its lease was reaped, the job taken again) changes
+# nothing and is not counted.
 # KEYS: active, completed, failed, delayed, waiting, counters, timings
 # ARGV: job_prefix, minute_prefix, keep_completed, keep_failed, stream_maxlen,
-#       minute_ttl_s, worker_id, attempts (msgpack list of timings.attempt_args),
-#       figures (msgpack [wait_max, proc_max, total_max, {field: HINCRBY amount}])
-# Returns how many attempts were still held.
+#       minute_ttl_s, attempts (msgpack list of timings.attempt_args)
+# Returns the local ids of the attempts it did not record (stale tokens).
 SETTLE = (
     _NOW
     + """
 local prefix = ARGV[1]
-local attempts = cmsgpack.unpack(ARGV[8])
--- First the acks, so the stream entries of this batch can be numbered in one step.
-local held = {}
+local attempts = cmsgpack.unpack(ARGV[7])
+-- First the fence and the acks, so the stream entries of this batch can be numbered in one step.
+local held, stale = {}, {}
 for _, attempt in ipairs(attempts) do
-  if redis.call('ZREM', KEYS[1], attempt[1]) == 1 then held[#held + 1] = attempt end
+  local id, number, holder = attempt[1], attempt[10], attempt[11]
+  if redis.call('ZSCORE', KEYS[1], id) and holds(prefix .. id, number, holder) then
+    redis.call('ZREM', KEYS[1], id)
+    held[#held + 1] = attempt
+  else
+    stale[#stale + 1] = id
+  end
 end
 local seq = 0
 if #held > 0 then seq = redis.call('HINCRBY', KEYS[6], 'timings', #held) - #held end
-local done = {}
+local done, figures = {}, {}
 for _, attempt in ipairs(held) do
-  local id, outcome, start, finish, err, msg, due, task, wait, number = unpack(attempt)
+  local id, outcome, start, finish, err, msg, due, task, wait, number, holder = unpack(attempt)
   local key = prefix .. id
+  local move = 'retried'
   if outcome == 'COMPLETED' then
+    move = 'completed'
     redis.call('HSET', key, 'state', 'COMPLETED', 'started_at', start, 'finished_at', finish, 'error', err)
     done[#done + 1] = finish
     done[#done + 1] = id
   elseif msg == '' then
     -- FAILED, or TIMED_OUT with no attempt left.
+    move = 'failed'
     redis.call('HSET', key, 'state', 'FAILED', 'started_at', start, 'finished_at', finish, 'error', err)
     redis.call('ZADD', KEYS[3], finish, id)
   else
@@ -201,28 +314,14 @@ for _, attempt in ipairs(held) do
     end
   end
   seq = seq + 1
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[5], '*', 'seq', seq, 'job', id, 'task', task,
-    'outcome', outcome, 'attempt', number, 'wait', wait, 'proc', finish - start,
-    'start', start, 'finish', finish, 'worker', ARGV[7], 'error', string.sub(err, 1, 500))
+  emit(KEYS[7], ARGV[5], seq, id, task, outcome, number, wait, start, finish, holder, err)
+  tally(figures, move, wait, finish - start)
 end
 if #done > 0 then redis.call('ZADD', KEYS[2], unpack(done)) end
 retain(KEYS[2], tonumber(ARGV[3]), KEYS[6], 'evicted_completed', prefix)
 retain(KEYS[3], tonumber(ARGV[4]), KEYS[6], 'evicted_failed', prefix)
-local minute = ARGV[2] .. math.floor(now / 60000)
-local figures = cmsgpack.unpack(ARGV[9])
-local names = {'wait_max', 'proc_max', 'total_max'}
-for k = 1, 3 do
-  if figures[k] > tonumber(redis.call('HGET', minute, names[k]) or '-1') then
-    redis.call('HSET', minute, names[k], figures[k])
-  end
-end
-local totals = {n = true, completed = true, failed = true, retried = true}
-for field, amount in pairs(figures[4]) do
-  redis.call('HINCRBY', minute, field, amount)
-  if totals[field] then redis.call('HINCRBY', KEYS[6], 'total_' .. field, amount) end
-end
-redis.call('EXPIRE', minute, ARGV[6])
-return #held
+write_figures(figures, ARGV[2], ARGV[6], KEYS[6])
+return stale
 """
 )
 
@@ -242,69 +341,110 @@ return #ids
 """
 )
 
-# Extends the leases of jobs a live worker still holds (never re-adds one
-# that was acked or reaped meanwhile).
-# KEYS: active
-# ARGV: lease_ms, local ids...
+# Extends the leases of jobs a live consumer's processes still hold, fenced by
+# their tokens, and stamps the consumer's heartbeat on the queue (the reaper
+# leaves alone the unexpired jobs of a consumer that stamps it).
+# Safe to re-run: it only sets deadlines and a timestamp.
+# KEYS: active, consumers
+# ARGV: lease_ms, consumer_id, job_prefix, stall_ms, then (local id, attempt, holder) triples
+# Returns the local ids it could not renew: no longer held under that token.
 RENEW = (
     _NOW
     + """
 local until_ms = now + tonumber(ARGV[1])
-for k = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[k]) end
-return #ARGV - 1
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+-- Consumers gone for ten stall intervals are forgotten.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 10 * tonumber(ARGV[4]))
+local lost = {}
+for k = 5, #ARGV, 3 do
+  local id = ARGV[k]
+  if redis.call('ZSCORE', KEYS[1], id) and holds(ARGV[3] .. id, ARGV[k + 1], ARGV[k + 2]) then
+    redis.call('ZADD', KEYS[1], 'XX', until_ms, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
 """
 )
 
-# Returns jobs whose worker is gone: those given (a worker process that died),
-# or else every job whose lease has expired. Each counts a stall; a job that
-# stalls more than `max_stalls` times fails instead of looping. A returned job
-# goes back to where it stood in its priority band (its original seq).
-# KEYS: active, waiting, failed, counters
-# ARGV: job_prefix, max_stalls, keep_failed, reason, batch, local ids...
+# Returns jobs whose worker is gone: those given with their tokens (a worker
+# process that died), or else jobs whose lease has expired, unless the
+# holder's consumer renewed on this queue within one lease and the job's
+# lease ran out less than one lease ago (a live consumer renews what it
+# holds; one that stopped renewing a job for that long has lost track of it;
+# a dead consumer's jobs are back within lease + reaper period, one stall
+# interval). Each
+# counts a stall; a job that stalls more than `max_stalls` times fails,
+# with its timings entry and figures. A returned job goes back to where it
+# stood in its priority band (its original seq).
+# Safe to re-run: a job is returned only while it is in the active set (under
+# the given token, when one is given), and returning removes it from there.
+# KEYS: active, waiting, failed, counters, consumers, timings
+# ARGV: job_prefix, max_stalls, keep_failed, reason, batch, lease_ms, stream_maxlen,
+#       minute_prefix, minute_ttl_s, then (local id, attempt, holder) triples
 # Returns {requeued, failed}.
 REAP = (
     _NOW
     + """
 local prefix = ARGV[1]
+local lease_ms = tonumber(ARGV[6])
 local ids = {}
-if #ARGV > 5 then
-  for k = 6, #ARGV do
-    if redis.call('ZREM', KEYS[1], ARGV[k]) == 1 then ids[#ids + 1] = ARGV[k] end
+if #ARGV > 9 then
+  for k = 10, #ARGV, 3 do
+    local id = ARGV[k]
+    if redis.call('ZSCORE', KEYS[1], id) and holds(prefix .. id, ARGV[k + 1], ARGV[k + 2]) then
+      ids[#ids + 1] = id
+    end
   end
 else
-  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
-  if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[5]))
+  for k = 1, #expired, 2 do
+    local id, deadline = expired[k], tonumber(expired[k + 1])
+    local holder = redis.call('HGET', prefix .. id, 'worker') or ''
+    local beat = redis.call('ZSCORE', KEYS[5], string.match(holder, '^(.*):[^:]*$') or holder)
+    if not (beat and tonumber(beat) >= now - lease_ms and deadline >= now - lease_ms) then
+      ids[#ids + 1] = id
+    end
+  end
 end
-local requeued, failed = 0, 0
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+local requeued, failed, figures = 0, 0, {}
 for _, id in ipairs(ids) do
   local key = prefix .. id
   local stalls = redis.call('HINCRBY', key, 'stalls', 1)
   redis.call('HINCRBY', KEYS[4], 'stalled', 1)
   if stalls > tonumber(ARGV[2]) then
-    fail(key, id, KEYS[3], 'stalled ' .. stalls .. ' times (' .. ARGV[4] .. ')', tonumber(ARGV[3]), KEYS[4], prefix)
+    fail_recorded(key, id, KEYS[3], 'stalled ' .. stalls .. ' times (' .. ARGV[4] .. ')', tonumber(ARGV[3]),
+      KEYS[4], prefix, KEYS[6], ARGV[7], figures)
     failed = failed + 1
   else
     to_waiting(KEYS[2], KEYS[4], key, id, redis.call('HGET', key, 'seq'))
     requeued = requeued + 1
   end
 end
+write_figures(figures, ARGV[8], ARGV[9], KEYS[4])
 return {requeued, failed}
 """
 )
 
 # Gives back jobs a worker took but never started (its prefetch buffer at
-# shutdown): to where they stood, with the take not counted as an attempt.
+# shutdown), or whose process is known dead (killed past the shutdown grace):
+# to where they stood, with the take not counted as an attempt.
+# Safe to re-run: a job moves only while it is in the active set under the
+# given token, and moving removes it from there.
 # KEYS: active, waiting, counters
-# ARGV: job_prefix, local ids...
+# ARGV: job_prefix, then (local id, attempt, holder) triples
 # Returns how many went back.
 HAND_BACK = (
     _NOW
     + """
 local back = 0
-for k = 2, #ARGV do
+for k = 2, #ARGV, 3 do
   local id = ARGV[k]
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    local key = ARGV[1] .. id
+  local key = ARGV[1] .. id
+  if redis.call('ZSCORE', KEYS[1], id) and holds(key, ARGV[k + 1], ARGV[k + 2]) then
+    redis.call('ZREM', KEYS[1], id)
     redis.call('HINCRBY', key, 'attempts', -1)
     to_waiting(KEYS[2], KEYS[3], key, id, redis.call('HGET', key, 'seq'))
     back = back + 1

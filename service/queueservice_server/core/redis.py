@@ -5,7 +5,10 @@ time out after 5 s, connections after 10 s; TCP keep-alive at 30 s; idle
 connections are health-checked before reuse; the pool is bounded; a dead
 Redis fails the call at once instead of queueing it (no offline buffer). A
 connection that broke (say, Redis restarted) is retried once, at once, on a
-fresh connection; timeouts are never retried. `rediss://` verifies the certificate and the host name unless
+fresh connection; timeouts are never retried. A retried command or pipeline
+may already have run: that is safe for reads, and for every Lua script
+(each is safe to re-run, see lua.py); WATCHed transactions are never retried
+(redis-py raises WatchError instead). `rediss://` verifies the certificate and the host name unless
 QUEUE_REDIS_TLS_INSECURE is set, which is logged.
 """
 

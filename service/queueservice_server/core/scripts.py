@@ -3,8 +3,11 @@
 redis-py checks every script of a pipeline with SCRIPT EXISTS before each
 execute, which costs a round trip per pipeline; here pipelines queue EVALSHA
 directly and load the scripts only when Redis answers NOSCRIPT (a restarted
-or flushed server), then run the pipeline once more. Every script is
-idempotent against its job's set membership, so a repeat changes no job.
+or flushed server), then run the pipeline once more. That re-run, and the
+Redis client's one retry on a broken connection (core/redis.py), are safe
+because every script is safe to run twice with the same arguments: fenced by
+job tokens, or by a per-call token (TAKE), or by never overwriting (ENQUEUE);
+each script's header in lua.py says which.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ Per queue and epoch minute, one HASH (`QueueKeys.minute`) holds:
   w:<b>, p:<b>, t:<b>                  histogram counts of wait / processing / total by bucket b
 so a window of any length costs one HASH per minute, however many jobs pass.
 Buckets grow by BUCKET_RATIO, so a percentile read from them is within
-(BUCKET_RATIO - 1) of the true value.
+(BUCKET_RATIO - 1) of the true value. The scripts that record attempts count
+them (lua.py `tally`, with the same buckets as `bucket` here), over exactly
+the attempts they recorded; completed / failed / retried count the job's
+move (a timed-out attempt that is retried counts as retried).
 
 The timings STREAM (`QueueKeys.timings`) holds one entry per finished attempt
 (`keys.TimingFields`): seq (1, 2, ... per queue: a gap before the oldest
@@ -24,10 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 BUCKET_RATIO = 1.25
 _LOG_RATIO = math.log(BUCKET_RATIO)
@@ -69,17 +69,12 @@ class Attempt:
     ready_ms: int
     start_ms: int
     finish_ms: int
+    # The worker process the attempt ran on: with `attempt`, the token SETTLE fences it by.
+    holder: str
     error: str = ""
     # When another attempt follows: its message and when it is due (ms, Redis clock).
     retry_msg: bytes = b""
     retry_due_ms: int = 0
-
-    @property
-    def tally(self) -> str:
-        """The per-minute count this attempt adds to: the job's move, not how the attempt ended."""
-        if self.outcome is Outcome.COMPLETED:
-            return "completed"
-        return "retried" if self.retry_msg else "failed"
 
     @property
     def wait_ms(self) -> int:
@@ -103,24 +98,5 @@ def attempt_args(attempt: Attempt) -> list[str | int | bytes]:
         attempt.task,
         attempt.wait_ms,
         attempt.attempt,
+        attempt.holder,
     ]
-
-
-def minute_figures(attempts: Iterable[Attempt]) -> list[Any]:
-    """Aggregates a batch into [wait_max, proc_max, total_max, {HINCRBY field: amount}],
-    so one flush costs a few hash writes rather than a dozen per job."""
-    counts: Counter[str] = Counter()
-    wait_max = proc_max = total_max = 0
-    for attempt in attempts:
-        wait, proc = attempt.wait_ms, attempt.proc_ms
-        total = wait + proc
-        counts[attempt.tally] += 1
-        counts["wait_sum"] += wait
-        counts["proc_sum"] += proc
-        counts["total_sum"] += total
-        counts[f"w:{bucket(wait)}"] += 1
-        counts[f"p:{bucket(proc)}"] += 1
-        counts[f"t:{bucket(total)}"] += 1
-        wait_max, proc_max, total_max = max(wait_max, wait), max(proc_max, proc), max(total_max, total)
-    counts["n"] = counts["completed"] + counts["failed"] + counts["retried"]
-    return [wait_max, proc_max, total_max, {field: amount for field, amount in counts.items() if amount}]

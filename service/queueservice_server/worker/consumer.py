@@ -23,6 +23,7 @@ from huey.consumer import Consumer, ProcessEnvironment, Worker
 from huey.exceptions import TaskTimeout
 from huey.registry import Registry
 
+from queueservice_server.core.redis import REDIS_DOWN
 from queueservice_server.core.timings import Outcome
 from queueservice_server.settings import Settings
 from queueservice_server.tasks import TaskDef, load_tasks
@@ -71,7 +72,11 @@ class QueueHuey(Huey):  # type: ignore[misc]
         """Huey's dequeue, except that a job that cannot run fails with the reason and the loop goes on."""
         storage = self.queue_storage
         while True:
-            data = storage.dequeue()
+            try:
+                data = storage.dequeue()
+            except REDIS_DOWN as exc:
+                storage.outage(exc)
+                return None
             if data is None:
                 return None
             popped = storage.popped
@@ -182,6 +187,7 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
         )
         self._signal_actions = {signal.SIGTERM: (False, True), signal.SIGINT: (False, True)}
         self.supervisor = Supervisor(settings, redis_url, self.slots)
+        self._last_error = ""
 
     def get_environment(self, worker_type: str) -> ProcessEnvironment:
         return _Environment()
@@ -208,15 +214,29 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
 
     def loop(self, health_check_ts: float | None = None) -> float | None:
         health_check_ts = super().loop(health_check_ts)
-        for worker, process in self.worker_threads:
-            running = self.supervisor.overdue(worker.slot)
-            if running is not None and process.is_alive():
-                log.error("killing a worker process past its hard timeout", extra={"job_id": running.job_id})
-                os.kill(process.pid, signal.SIGKILL)
-                process.join(5)
-                self.supervisor.timed_out(worker.slot, running)
-        self.supervisor.tick(self._pids())
+        try:
+            for worker, process in self.worker_threads:
+                running = self.supervisor.overdue(worker.slot)
+                if running is not None and process.is_alive():
+                    log.error("killing a worker process past its hard timeout", extra={"job_id": running.token.job_id})
+                    self._kill(process)
+                    self.supervisor.timed_out(worker.slot, running)
+            for slot in self.supervisor.tick(self._pids()):
+                # Its lease is gone, so another worker may run the job: this run must not go on.
+                # The process is restarted by the next health check.
+                self._kill(next(process for worker, process in self.worker_threads if worker.slot is slot))
+        except Exception as exc:
+            # A bug, not an outage (the supervisor rides those out): said once, and the loop goes on.
+            if repr(exc) != self._last_error:
+                log.exception("consumer round failed; retrying every round")
+                self._last_error = repr(exc)
         return health_check_ts
+
+    @staticmethod
+    def _kill(process: Any) -> None:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGKILL)
+        process.join(5)
 
     def check_worker_health(self) -> bool:
         """Huey's check, except that a dead process's jobs are handed back first and its
@@ -225,10 +245,7 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
             if self.environment.is_alive(process):
                 continue
             log.warning("worker process died, restarting", extra={"exitcode": process.exitcode})
-            try:
-                self.supervisor.process_died(worker.slot)
-            except Exception:
-                log.exception("could not hand back a dead process's jobs; the reaper will return them")
+            self.supervisor.process_died(worker.slot)
             replacement = self._worker_on(worker.slot)
             new_process = self._create_process(replacement, f"Worker-{index + 1}")
             new_process.start()
@@ -242,6 +259,12 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
         try:
             super().run()
         finally:
+            # Huey interrupted what still ran after the grace; a task stuck in C ignores that, so it
+            # is killed before its job goes back: a job is never waiting while its process runs it.
+            for _, process in self.worker_threads:
+                if process.is_alive():
+                    log.error("killing a worker process that did not stop within the shutdown grace")
+                    self._kill(process)
             self.supervisor.stopped()
 
 

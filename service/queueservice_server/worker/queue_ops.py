@@ -14,11 +14,11 @@ from typing import Any
 import msgpack
 import redis
 
-from queueservice_server.core.jobs import split_job_id
+from queueservice_server.core.jobs import Token, split_job_id
 from queueservice_server.core.keys import QueueKeys, ServiceKeys
 from queueservice_server.core.redis import time_ms
 from queueservice_server.core.scripts import Scripts, call, execute
-from queueservice_server.core.timings import Attempt, attempt_args, minute_figures
+from queueservice_server.core.timings import Attempt, attempt_args
 from queueservice_server.settings import Settings
 
 PROMOTE_BATCH = 1000
@@ -47,24 +47,26 @@ class QueueOps:
             raise ValueError(f"job id {job_id!r} names no configured queue")
         return self.keys[parts[0]], parts[1]
 
-    def by_queue(self, job_ids: Iterable[str]) -> dict[QueueKeys, list[str]]:
-        grouped: dict[QueueKeys, list[str]] = {}
-        for job_id in job_ids:
-            keys, local = self.locate(job_id)
-            grouped.setdefault(keys, []).append(local)
-        return grouped
-
     @property
     def lease_ms(self) -> int:
         """Leases are renewed every quarter stall interval and reaped as often, so a
         dead worker's job is back within 3/4 + 1/4 of the interval."""
         return int(self.settings.stall_interval * 750)
 
-    def take(self, keys: QueueKeys, count: int, pipe: Any = None) -> Any:
-        """Queues TAKE on `pipe` (or runs it): see lua.TAKE for the reply."""
+    def take(self, keys: QueueKeys, count: int, token: str, pipe: Any = None) -> Any:
+        """Queues TAKE on `pipe` (or runs it): see lua.TAKE and scripts.TakeReply. A take that
+        may not have reached Redis is sent again with the same `token`, which returns its jobs."""
         return call(
             self.scripts.take,
-            [keys.waiting, keys.active, keys.limiter, keys.counters, keys.failed],
+            [
+                keys.waiting,
+                keys.active,
+                keys.limiter,
+                keys.counters,
+                keys.failed,
+                keys.take(self.worker_id),
+                keys.timings,
+            ],
             [
                 count,
                 self.lease_ms,
@@ -74,12 +76,17 @@ class QueueOps:
                 int(self.settings.rate_limit_window * 1000),
                 LIMIT_SLACK_MS,
                 self.settings.keep_failed,
+                token,
+                self.settings.timings_retained,
+                keys.minute_prefix,
+                int(self.settings.metrics_history) + 120,
             ],
             pipe,
         )
 
     def settle(self, keys: QueueKeys, attempts: list[Attempt], pipe: Any = None) -> Any:
-        """Queues SETTLE for attempts of one queue on `pipe` (or runs it)."""
+        """Queues SETTLE for attempts of one queue on `pipe` (or runs it); its reply lists the
+        local ids whose tokens were stale (not recorded)."""
         # Redis's Lua msgpack predates the bin and str8 types: the old raw format only.
         args: list[Any] = [
             keys.job_prefix,
@@ -88,9 +95,7 @@ class QueueOps:
             self.settings.keep_failed,
             self.settings.timings_retained,
             int(self.settings.metrics_history) + 120,
-            self.worker_id,
             msgpack.packb([attempt_args(attempt) for attempt in attempts], use_bin_type=False),
-            msgpack.packb(minute_figures(attempts), use_bin_type=False),
         ]
         return call(
             self.scripts.settle,
@@ -99,35 +104,68 @@ class QueueOps:
             pipe,
         )
 
-    def hand_back(self, job_ids: Iterable[str]) -> int:
-        """Jobs taken but never started go back to where they stood."""
+    def _by_queue(self, tokens: Iterable[Token]) -> dict[QueueKeys, list[str | int]]:
+        """Tokens grouped by queue, as the (local id, attempt, holder) triples scripts take."""
+        grouped: dict[QueueKeys, list[str | int]] = {}
+        for token in tokens:
+            keys, local = self.locate(token.job_id)
+            grouped.setdefault(keys, []).extend((local, token.attempt, token.holder))
+        return grouped
+
+    def hand_back(self, tokens: Iterable[Token]) -> int:
+        """Jobs taken but never started (or whose process is dead) go back to where they stood."""
         back = 0
-        for keys, locals_ in self.by_queue(job_ids).items():
+        for keys, triples in self._by_queue(tokens).items():
             back += int(
                 self.scripts.hand_back(
-                    keys=[keys.active, keys.waiting, keys.counters], args=[keys.job_prefix, *locals_]
+                    keys=[keys.active, keys.waiting, keys.counters], args=[keys.job_prefix, *triples]
                 )
             )
         return back
 
-    def reap(self, keys: QueueKeys, reason: str, locals_: Iterable[str] = ()) -> tuple[int, int]:
-        """(requeued, failed) of the given jobs, or of every job whose lease expired."""
+    def _reap(self, keys: QueueKeys, reason: str, triples: list[str | int]) -> tuple[int, int]:
         requeued, failed = self.scripts.reap(
-            keys=[keys.active, keys.waiting, keys.failed, keys.counters],
-            args=[keys.job_prefix, self.settings.max_stalls, self.settings.keep_failed, reason, REAP_BATCH, *locals_],
+            keys=[keys.active, keys.waiting, keys.failed, keys.counters, keys.consumers, keys.timings],
+            args=[
+                keys.job_prefix,
+                self.settings.max_stalls,
+                self.settings.keep_failed,
+                reason,
+                REAP_BATCH,
+                self.lease_ms,
+                self.settings.timings_retained,
+                keys.minute_prefix,
+                int(self.settings.metrics_history) + 120,
+                *triples,
+            ],
         )
         return int(requeued), int(failed)
 
-    def renew(self, job_ids: Iterable[str]) -> None:
-        grouped = self.by_queue(job_ids)
-        if not grouped:
-            return
+    def reap_expired(self, keys: QueueKeys, reason: str) -> tuple[int, int]:
+        """(requeued, failed) of the jobs whose lease expired and whose holder looks gone."""
+        return self._reap(keys, reason, [])
+
+    def reap_held(self, tokens: Iterable[Token], reason: str) -> tuple[int, int]:
+        """(requeued, failed) of these attempts (their process died), where the tokens still hold."""
+        requeued = failed = 0
+        for keys, triples in self._by_queue(tokens).items():
+            back, gone = self._reap(keys, reason, triples)
+            requeued, failed = requeued + back, failed + gone
+        return requeued, failed
+
+    def renew(self, tokens: Iterable[Token]) -> set[str]:
+        """Extends the leases of these attempts and stamps this consumer on every queue; returns the
+        job ids it could not renew (their tokens no longer hold: someone reaped them)."""
+        grouped = self._by_queue(tokens)
+        queues = list(self.keys.values())
 
         def build(pipe: Any) -> None:
-            for keys, locals_ in grouped.items():
-                call(self.scripts.renew, [keys.active], [self.lease_ms, *locals_], pipe)
+            for keys in queues:
+                args = [self.lease_ms, self.worker_id, keys.job_prefix, int(self.settings.stall_interval * 1000)]
+                call(self.scripts.renew, [keys.active, keys.consumers], [*args, *grouped.get(keys, [])], pipe)
 
-        self.execute(build)
+        replies = self.execute(build)
+        return {f"{keys.queue}:{local.decode()}" for keys, lost in zip(queues, replies, strict=True) for local in lost}
 
     def promote(self) -> None:
         """Moves every due delayed job to waiting (atomically per queue)."""

@@ -13,6 +13,7 @@ delivery is at-least-once. The producer side never goes through here.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import os
 import time
@@ -24,8 +25,9 @@ import redis
 from huey.constants import EmptyData
 from huey.storage import BaseStorage
 
+from queueservice_server.core.jobs import Token
 from queueservice_server.core.keys import QueueKeys
-from queueservice_server.core.redis import sync_client
+from queueservice_server.core.redis import REDIS_DOWN, sync_client
 from queueservice_server.core.scripts import TakeReply
 from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
@@ -58,9 +60,14 @@ class Taken:
     task: str
     ready_ms: int
     attempt: int
+    holder: str
     take_ms: int
     take_mono: float
     start_mono: float = 0.0
+
+    @property
+    def token(self) -> Token:
+        return Token(self.job_id, self.attempt, self.holder)
 
     def redis_ms(self, mono: float) -> int:
         return self.take_ms + int((mono - self.take_mono) * 1000)
@@ -83,7 +90,12 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         self._held: dict[str, Taken] = {}
         self._pending: list[tuple[Taken, Attempt]] = []
         self._pending_since = 0.0
-        self._not_before = 0.0
+        # Per queue: when its rate limit has a token again (time.monotonic()).
+        self._not_before: dict[str, float] = {}
+        self._take_tokens: dict[str, str] = {}
+        self._take_count = itertools.count()
+        self._lost_seen = 0
+        self._down = False
         self._avg_run = BATCH_WINDOW
         self.popped: Taken | None = None
         # Errors of attempts that Huey is about to retry, by job id: recorded with the retry move
@@ -111,17 +123,15 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
 
     def _publish_held(self) -> None:
         if self.slot is not None:
-            self.slot.set_held(list(self._held))
+            self.slot.set_held(self.core.worker_id, [taken.token for taken in self._held.values()])
 
     # -- taking work -----------------------------------------------------
     def dequeue(self) -> bytes | None:
-        now = time.monotonic()
+        if self._buffer and self.slot is not None and self.slot.lost_version != self._lost_seen:
+            self._drop_lost()
         if not self._buffer:
-            if now >= self._not_before:
-                self._exchange()
-            elif self._pending:
-                self._flush()
-        elif self._pending and now - self._pending_since > FLUSH_AFTER:
+            self._exchange()
+        elif self._pending and time.monotonic() - self._pending_since > FLUSH_AFTER:
             self._flush()
         if not self._buffer:
             return None
@@ -134,26 +144,33 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         return max(1, min(self.settings.prefetch, int(BATCH_WINDOW / self._avg_run)))
 
     def _exchange(self) -> None:
-        """Flushes pending outcomes and takes more work, in one round trip per queue tried."""
+        """Flushes pending outcomes and takes more work, in one round trip per queue tried, in
+        configured order; a queue at its rate limit is skipped until a token frees up."""
         core = self.core
         count = self._batch_size()
+        now = time.monotonic()
+        queues = [keys for keys in core.keys.values() if self._not_before.get(keys.queue, 0.0) <= now]
         # Pending outcomes are dropped only once Redis has them: an outage loses none.
         settled = self._pending
-        for index, keys in enumerate(core.keys.values()):
+        for index, keys in enumerate(queues):
+            # A take whose reply never came is sent again with its token, which returns its jobs.
+            token = self._take_tokens.setdefault(keys.queue, f"{core.worker_id}/{next(self._take_count)}")
 
-            def build(pipe: Any, first: bool = index == 0, keys: QueueKeys = keys) -> None:
+            def build(pipe: Any, first: bool = index == 0, keys: QueueKeys = keys, token: str = token) -> None:
                 if first:
                     self._queue_settles(pipe, settled)
-                core.take(keys, count, pipe)
+                core.take(keys, count, token, pipe)
 
             replies = core.execute(build)
+            self._up()
             mono = time.monotonic()
+            del self._take_tokens[keys.queue]
             if index == 0:
-                self._settled(settled)
+                self._settled(settled, replies[:-1])
             reply = TakeReply.decode(replies[-1])
             if reply.wait_ms:
-                self._not_before = mono + reply.wait_ms / 1000
-                break
+                self._not_before[keys.queue] = mono + reply.wait_ms / 1000
+                continue
             for job in reply.jobs:
                 taken = Taken(
                     f"{keys.queue}:{job.local_id}",
@@ -162,6 +179,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
                     job.task,
                     job.ready_ms,
                     job.attempt,
+                    core.worker_id,
                     reply.now_ms,
                     mono,
                 )
@@ -169,32 +187,75 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
                 self._buffer.append((taken, job.msg))
             if self._buffer:
                 break
-        if not settled and not self._buffer:
-            return
-        self._publish_held()
+        if settled and not queues:
+            self._flush()
+        elif settled or self._buffer:
+            self._publish_held()
 
     def _queue_settles(self, pipe: Any, settled: list[tuple[Taken, Attempt]]) -> None:
+        for keys, attempts in self._settles_by_queue(settled).items():
+            self.core.settle(keys, attempts, pipe)
+
+    @staticmethod
+    def _settles_by_queue(settled: list[tuple[Taken, Attempt]]) -> dict[QueueKeys, list[Attempt]]:
         grouped: dict[QueueKeys, list[Attempt]] = {}
         for taken, attempt in settled:
             grouped.setdefault(taken.keys, []).append(attempt)
-        for keys, attempts in grouped.items():
-            self.core.settle(keys, attempts, pipe)
+        return grouped
 
-    def _settled(self, settled: list[tuple[Taken, Attempt]]) -> None:
-        """Redis has these outcomes: they are pending no more, and their jobs no longer held."""
+    def _settled(self, settled: list[tuple[Taken, Attempt]], replies: list[Any]) -> None:
+        """Redis has these outcomes: they are pending no more, and their jobs no longer held. Those
+        whose lease was lost (reaped, taken by another worker) were not recorded: said once each."""
         self._pending = []
         for taken, _ in settled:
             self._held.pop(taken.job_id, None)
+        for keys, stale in zip(self._settles_by_queue(settled), replies, strict=True):
+            for local in stale:
+                log.warning(
+                    "outcome not recorded: this worker's lease on the job was lost (it was reaped)",
+                    extra={"job_id": f"{keys.queue}:{local.decode()}"},
+                )
 
     def _flush(self) -> None:
         settled = self._pending
-        self.core.execute(lambda pipe: self._queue_settles(pipe, settled))
-        self._settled(settled)
+        replies = self.core.execute(lambda pipe: self._queue_settles(pipe, settled))
+        self._settled(settled, replies)
         self._publish_held()
+
+    def _drop_lost(self) -> None:
+        """Buffered jobs whose lease the supervisor could not renew belong to another worker now."""
+        assert self.slot is not None
+        self._lost_seen = self.slot.lost_version
+        lost = self.slot.lost()
+        kept: deque[tuple[Taken, bytes]] = deque()
+        for taken, msg in self._buffer:
+            if taken.job_id in lost:
+                self._held.pop(taken.job_id, None)
+                log.warning("lease lost before the job started; not running it", extra={"job_id": taken.job_id})
+            else:
+                kept.append((taken, msg))
+        self._buffer = kept
+        self._publish_held()
+
+    def outage(self, exc: Exception) -> None:
+        """Redis did not answer: said once per outage; what is pending is kept and sent again."""
+        if not self._down:
+            log.warning("redis unreachable; retrying", extra={"error": str(exc)})
+            self._down = True
+
+    def _up(self) -> None:
+        if self._down:
+            log.warning("redis reachable again")
+            self._down = False
 
     def read_schedule(self, ts: datetime.datetime) -> list[bytes]:
         """Moves due jobs to waiting inside Redis; nothing comes back for Huey to enqueue."""
-        self.core.promote()
+        try:
+            self.core.promote()
+        except REDIS_DOWN as exc:
+            self.outage(exc)
+        else:
+            self._up()
         return []
 
     # -- one attempt -------------------------------------------------------
@@ -203,7 +264,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         taken.start_mono = time.monotonic()
         if self.slot is not None:
             limit = timeout or self.settings.default_timeout
-            self.slot.start(job_id, limit + self.settings.timeout_grace)
+            self.slot.start(taken.token, limit + self.settings.timeout_grace)
 
     def _finished(
         self, job_id: str, outcome: Outcome, error: str = "", retry: tuple[bytes, float] | None = None
@@ -228,6 +289,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             ready_ms=taken.ready_ms,
             start_ms=taken.redis_ms(start),
             finish_ms=finish_ms,
+            holder=taken.holder,
             error=error,
             retry_msg=msg,
             retry_due_ms=finish_ms + int(delay * 1000) if retry else 0,
@@ -270,7 +332,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
             self._publish_held()
 
     def _give_back(self, job_ids: list[str]) -> None:
-        self.core.hand_back(job_ids)
+        self.core.hand_back(self._held[job_id].token for job_id in job_ids if job_id in self._held)
         for job_id in job_ids:
             self._held.pop(job_id, None)
         self._publish_held()

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 
 from queueservice_server.core.codec import MessageDecodeError, decode_message, next_attempt
-from queueservice_server.core.jobs import JobRecord
+from queueservice_server.core.jobs import JobRecord, Token
 from queueservice_server.core.keys import WorkerFields as W
-from queueservice_server.core.redis import sync_client
+from queueservice_server.core.redis import REDIS_DOWN, sync_client
 from queueservice_server.core.timings import Attempt, Outcome
 from queueservice_server.settings import Settings
 from queueservice_server.worker.queue_ops import QueueOps, consumer_id
@@ -41,6 +41,9 @@ def resident_bytes(pids: Sequence[int]) -> int:
 
 
 class Supervisor:
+    """Every Redis call here survives an outage: the first failure is logged once, the work is
+    kept and retried on a later round, and a slot is cleared whatever Redis says."""
+
     def __init__(self, settings: Settings, redis_url: str, slots: Sequence[Slot]) -> None:
         self.settings = settings
         self.redis_url = redis_url
@@ -50,6 +53,14 @@ class Supervisor:
         self.period = settings.stall_interval / 4
         self._next_beat = 0.0
         self._core: QueueOps | None = None
+        # Since when Redis has answered every round (None: not now). The reaper waits one lease
+        # after start and after every outage, so that live consumers renew before anyone reaps.
+        self._connected_since: float | None = None
+        self._outage_logged = False
+        # Work that Redis could not take when it came up: retried every round until it does.
+        self._dead: list[Token] = []
+        self._unstarted: list[Token] = []
+        self._timed_out: list[Token] = []
 
     @property
     def core(self) -> QueueOps:
@@ -58,24 +69,66 @@ class Supervisor:
             self._core = QueueOps(self.settings, sync_client(self.settings, self.redis_url), self.worker_id)
         return self._core
 
-    def tick(self, pids: Sequence[int]) -> None:
-        """Called often by the consumer loop; does Redis work once per period."""
+    def tick(self, pids: Sequence[int]) -> list[Slot]:
+        """Called often by the consumer loop; does Redis work once per period. Returns the slots
+        whose running job's lease was lost (someone reaped it): their process must not go on."""
         now = time.monotonic()
         if now < self._next_beat:
-            return
+            return []
         self._next_beat = now + self.period
         try:
-            self.core.renew(job_id for slot in self.slots for job_id in slot.held())
-            for keys in self.core.keys.values():
-                requeued, failed = self.core.reap(keys, "its worker stopped renewing the lease")
-                if requeued or failed:
-                    log.warning(
-                        "reaped stalled jobs", extra={"queue": keys.queue, "requeued": requeued, "failed": failed}
-                    )
+            lost = self.core.renew(token for slot in self.slots for token in slot.held())
+            self._retry_pending()
+            if self._connected_since is None:
+                self._connected_since = now
+            if now - self._connected_since >= self.core.lease_ms / 1000:
+                for keys in self.core.keys.values():
+                    requeued, failed = self.core.reap_expired(keys, "its worker stopped renewing the lease")
+                    if requeued or failed:
+                        log.warning(
+                            "reaped stalled jobs", extra={"queue": keys.queue, "requeued": requeued, "failed": failed}
+                        )
             self._heartbeat(pids)
-        except Exception:
-            # Redis may be down for a while: the next period tries again.
-            log.exception("supervisor round failed")
+        except REDIS_DOWN as exc:
+            self._down(exc)
+            return []
+        if self._outage_logged:
+            log.warning("redis reachable again; the reaper waits one lease before reaping")
+            self._outage_logged = False
+        return self._mark_lost(lost)
+
+    def _down(self, exc: Exception) -> None:
+        self._connected_since = None
+        if not self._outage_logged:
+            log.warning("redis unreachable; the supervisor retries every round", extra={"error": str(exc)})
+            self._outage_logged = True
+
+    def _mark_lost(self, lost: set[str]) -> list[Slot]:
+        stopped = []
+        for slot in self.slots:
+            mine = [token.job_id for token in slot.held() if token.job_id in lost]
+            if not mine:
+                continue
+            slot.mark_lost(mine)
+            running = slot.running()
+            if running is not None and running.token.job_id in lost:
+                log.error(
+                    "lease lost while the job ran (another worker may have it): stopping its process",
+                    extra={"job_id": running.token.job_id},
+                )
+                stopped.append(slot)
+        return stopped
+
+    def _retry_pending(self) -> None:
+        if self._dead:
+            self.core.reap_held(self._dead, "its worker process died")
+            self._dead = []
+        if self._unstarted:
+            self.core.hand_back(self._unstarted)
+            self._unstarted = []
+        while self._timed_out:
+            self._record_timeout(self._timed_out[0])
+            self._timed_out.pop(0)
 
     def overdue(self, slot: Slot) -> Running | None:
         running = slot.running()
@@ -86,25 +139,27 @@ class Supervisor:
     def timed_out(self, slot: Slot, running: Running) -> None:
         """Its process was killed at the hard deadline: the attempt is recorded as timed out
         and retried by the job's policy; the process's other jobs go back."""
-        self._record_timeout(running.job_id)
-        self._release(slot, exclude=running.job_id)
+        self._timed_out.append(running.token)
+        self._release(slot, exclude=running.token)
 
     def process_died(self, slot: Slot) -> None:
         """A worker process exited unexpectedly: its running job counts a stall, the rest go back."""
         running = slot.running()
         if running is not None:
-            keys, local = self.core.locate(running.job_id)
-            self.core.reap(keys, "its worker process died", [local])
-        self._release(slot, exclude=running.job_id if running else "")
+            self._dead.append(running.token)
+        self._release(slot, exclude=running.token if running else None)
 
-    def _release(self, slot: Slot, exclude: str) -> None:
-        others = [job_id for job_id in slot.held() if job_id != exclude]
-        if others:
-            self.core.hand_back(others)
+    def _release(self, slot: Slot, exclude: Token | None) -> None:
+        """The slot's jobs (but `exclude`) go back, now or on a later round; the slot is cleared."""
+        self._unstarted += [token for token in slot.held() if token != exclude]
         slot.clear()
+        try:
+            self._retry_pending()
+        except REDIS_DOWN as exc:
+            self._down(exc)
 
-    def _record_timeout(self, job_id: str) -> None:
-        keys, local = self.core.locate(job_id)
+    def _record_timeout(self, token: Token) -> None:
+        keys, local = self.core.locate(token.job_id)
         fields: dict[bytes, bytes] = self.core.client.hgetall(keys.job(local))  # type: ignore[assignment]
         if not fields:
             return
@@ -122,16 +177,17 @@ class Supervisor:
             local_id=local,
             task=record.task,
             outcome=Outcome.TIMED_OUT,
-            attempt=record.attempts,
+            attempt=token.attempt,
             ready_ms=record.ready_at or 0,
             start_ms=record.started_at or now_ms,
             finish_ms=now_ms,
+            holder=token.holder,
             error=error,
             retry_msg=msg,
             retry_due_ms=now_ms + int(delay * 1000) if following else 0,
         )
-        self.core.settle(keys, [attempt])
-        log.error("job killed at its hard timeout", extra={"job_id": job_id, "error": error})
+        if not self.core.settle(keys, [attempt]):
+            log.error("job killed at its hard timeout", extra={"job_id": token.job_id, "error": error})
 
     def _heartbeat(self, pids: Sequence[int]) -> None:
         self.core.heartbeat(
@@ -147,10 +203,15 @@ class Supervisor:
         )
 
     def stopped(self) -> None:
-        """After the worker processes are gone: anything still held goes back; the registry forgets us."""
+        """After the worker processes are gone (killed if they would not stop): everything still
+        held goes back; the registry forgets us."""
+        for slot in self.slots:
+            running = slot.running()
+            self._release(slot, exclude=None)
+            if running is not None:
+                log.warning("job interrupted by shutdown, handed back", extra={"job_id": running.token.job_id})
         try:
-            for slot in self.slots:
-                self._release(slot, exclude="")
+            self._retry_pending()
             self.core.leave_registry()
-        except Exception:
-            log.exception("could not hand back held jobs at shutdown; the reaper will return them")
+        except REDIS_DOWN:
+            log.warning("could not hand back held jobs at shutdown; the reaper will return them")
