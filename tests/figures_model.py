@@ -25,7 +25,8 @@ def minute_hash(attempts: list[Attempt]) -> dict[bytes, bytes]:
         counts.update({"wait_sum": wait, "proc_sum": proc, "total_sum": total})
         for name, value in (("wait_max", wait), ("proc_max", proc), ("total_max", total)):
             maxima[name] = max(maxima[name], value)
-    fields = {field.encode(): str(amount).encode() for field, amount in counts.items() if amount}
+    # Sums of zero are written too (the scripts add every sum of every attempt they record).
+    fields = {field.encode(): str(amount).encode() for field, amount in counts.items()}
     if attempts:
         fields.update({name.encode(): str(value).encode() for name, value in maxima.items()})
     return fields

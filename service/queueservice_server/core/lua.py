@@ -61,11 +61,24 @@ local function bucket(ms)
   if ms < 1 then return 0 end
   return math.floor(math.log(ms) / LOG_RATIO) + 1
 end
+-- Bucket field names, built once per script run: most attempts of a batch share them.
+local NAMES = {w = {}, p = {}, t = {}}
+local function count(figures, kind, ms)
+  local b = bucket(ms)
+  local field = NAMES[kind][b]
+  if not field then
+    field = kind .. ':' .. b
+    NAMES[kind][b] = field
+  end
+  figures[field] = (figures[field] or 0) + 1
+end
 local function tally(figures, move, wait, proc)
   local total = wait + proc
-  for _, field in ipairs({'n', move, 'w:' .. bucket(wait), 'p:' .. bucket(proc), 't:' .. bucket(total)}) do
-    figures[field] = (figures[field] or 0) + 1
-  end
+  figures.n = (figures.n or 0) + 1
+  figures[move] = (figures[move] or 0) + 1
+  count(figures, 'w', wait)
+  count(figures, 'p', proc)
+  count(figures, 't', total)
   figures.wait_sum = (figures.wait_sum or 0) + wait
   figures.proc_sum = (figures.proc_sum or 0) + proc
   figures.total_sum = (figures.total_sum or 0) + total
@@ -266,7 +279,8 @@ return out
 # Safe to re-run: an attempt is recorded only while its job is in the active
 # set under the attempt's token, and recording removes it from there; a
 # re-sent or stale attempt (its lease was reaped, the job taken again) changes
-# nothing and is not counted.
+# nothing and is not counted. A re-sent attempt that an earlier run recorded
+# (same token, finish time on the record) is not reported as stale.
 # KEYS: active, completed, failed, delayed, waiting, counters, timings
 # ARGV: job_prefix, minute_prefix, keep_completed, keep_failed, stream_maxlen,
 #       minute_ttl_s, attempts (msgpack list of timings.attempt_args)
@@ -279,11 +293,12 @@ local attempts = cmsgpack.unpack(ARGV[7])
 -- First the fence and the acks, so the stream entries of this batch can be numbered in one step.
 local held, stale = {}, {}
 for _, attempt in ipairs(attempts) do
-  local id, number, holder = attempt[1], attempt[10], attempt[11]
-  if redis.call('ZSCORE', KEYS[1], id) and holds(prefix .. id, number, holder) then
-    redis.call('ZREM', KEYS[1], id)
+  local id, number, holder = attempt[1], tostring(attempt[10]), attempt[11]
+  local job = redis.call('HMGET', prefix .. id, 'attempts', 'worker', 'finished_at')
+  local mine = job[1] == number and job[2] == holder
+  if mine and redis.call('ZREM', KEYS[1], id) == 1 then
     held[#held + 1] = attempt
-  else
+  elseif not (mine and tonumber(job[3]) == attempt[4]) then
     stale[#stale + 1] = id
   end
 end

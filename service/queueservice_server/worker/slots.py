@@ -39,8 +39,8 @@ class Slot:
     """One worker process's shared record; it outlives the process and is reused by its replacement.
 
     The process writes its holder id, the tokens it holds (taken, not yet acked) and the one
-    running now; the supervisor writes the ids whose leases it could not renew (lost), which the
-    process then never starts."""
+    running now; the supervisor writes the tokens whose leases it could not renew (lost), which
+    the process then never starts (a later take of the same job has another token)."""
 
     def __init__(self, ctx: BaseContext, capacity: int) -> None:
         self._lock = ctx.Lock()
@@ -80,8 +80,8 @@ class Slot:
             found = _tokens(self._holder.value.decode(), self._running.value)
             return Running(found[0], self._deadline.value) if found else None
 
-    def mark_lost(self, job_ids: list[str]) -> None:
-        data = " ".join(job_ids).encode()[: len(self._lost) - 1]
+    def mark_lost(self, tokens: list[Token]) -> None:
+        data = " ".join(token.encode() for token in tokens).encode()[: len(self._lost) - 1]
         with self._lock:
             self._lost.value = data
             self._lost_version.value += 1
@@ -92,10 +92,11 @@ class Slot:
         version: int = self._lost_version.value
         return version
 
-    def lost(self) -> set[str]:
+    def lost(self) -> set[Token]:
         with self._lock:
+            holder: bytes = self._holder.value
             data: bytes = self._lost.value
-        return set(data.decode().split())
+        return set(_tokens(holder.decode(), data))
 
     def clear(self) -> None:
         with self._lock:

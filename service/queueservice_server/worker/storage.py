@@ -229,7 +229,7 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         lost = self.slot.lost()
         kept: deque[tuple[Taken, bytes]] = deque()
         for taken, msg in self._buffer:
-            if taken.job_id in lost:
+            if taken.token in lost:
                 self._held.pop(taken.job_id, None)
                 log.warning("lease lost before the job started; not running it", extra={"job_id": taken.job_id})
             else:

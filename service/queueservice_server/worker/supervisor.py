@@ -106,7 +106,7 @@ class Supervisor:
     def _mark_lost(self, lost: set[str]) -> list[Slot]:
         stopped = []
         for slot in self.slots:
-            mine = [token.job_id for token in slot.held() if token.job_id in lost]
+            mine = [token for token in slot.held() if token.job_id in lost]
             if not mine:
                 continue
             slot.mark_lost(mine)
