@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.harness import Machine, Row, log, table
 from bench.infra import ROOT
 from bench.rows_admin import row_stats, row_stream
+from bench.rows_chaos import row_chaos
 from bench.rows_grpc import row_batch, row_unary
 from bench.rows_memory import row_memory
 from bench.rows_processing import row_drain
@@ -37,6 +38,9 @@ class Sizes:
     admin_seconds: float
     stream_jobs: int
     memory_jobs: int
+    chaos_jobs: int
+    chaos_seconds: float
+    chaos_repeats: int
 
 
 # Sized so that a full run stays under 10 minutes on a 2-core machine.
@@ -50,6 +54,9 @@ FULL = Sizes(
     admin_seconds=1.0,
     stream_jobs=3_000,
     memory_jobs=10_000,
+    chaos_jobs=3_000,
+    chaos_seconds=30.0,
+    chaos_repeats=2,
 )
 QUICK = Sizes(
     repeats=3,
@@ -61,6 +68,9 @@ QUICK = Sizes(
     admin_seconds=0.3,
     stream_jobs=500,
     memory_jobs=2_000,
+    chaos_jobs=1_000,
+    chaos_seconds=10.0,
+    chaos_repeats=1,
 )
 
 RowRunner = Callable[[Path, Sizes], list[Row]]
@@ -74,6 +84,7 @@ ROWS: dict[int, tuple[str, RowRunner]] = {
     ),
     5: ("StreamTimings fan-out", lambda d, s: row_stream(d, jobs=s.stream_jobs, repeats=3)),
     6: ("Redis memory per job", lambda d, s: row_memory(d, jobs=s.memory_jobs, repeats=3)),
+    7: ("chaos", lambda d, s: row_chaos(d, jobs=s.chaos_jobs, seconds=s.chaos_seconds, repeats=s.chaos_repeats)),
 }
 
 METHOD = """\
@@ -109,6 +120,10 @@ ROWS_TEXT = """\
    jobs finished per second, and the workers' rate against no subscriber.
 6. Redis memory per waiting and per completed job (INFO used_memory deltas over
    many jobs, fresh Redis) against one plain Huey queued message.
+7. Chaos: draining 3,000 chaos.work jobs (3 consumers behind a fault proxy, AOF
+   Redis) while the chaos test's driver (tests/chaos.py) kills worker processes,
+   restarts Redis and drops replies, against the same load with no fault; every
+   invariant of tests/invariants.py must hold after every run.
 """
 
 
