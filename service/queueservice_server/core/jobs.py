@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,5 +108,7 @@ class Token:
     attempt: int
     holder: str
 
-    def encode(self) -> str:
+    @functools.cached_property
+    def text(self) -> str:
+        """`job_id@attempt`, as a worker's shared slot stores it (built once: it is on the hot path)."""
         return f"{self.job_id}@{self.attempt}"

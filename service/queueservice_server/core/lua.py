@@ -294,11 +294,12 @@ local attempts = cmsgpack.unpack(ARGV[7])
 local held, stale = {}, {}
 for _, attempt in ipairs(attempts) do
   local id, number, holder = attempt[1], tostring(attempt[10]), attempt[11]
-  local job = redis.call('HMGET', prefix .. id, 'attempts', 'worker', 'finished_at')
+  local key = prefix .. id
+  local job = redis.call('HMGET', key, 'attempts', 'worker')
   local mine = job[1] == number and job[2] == holder
   if mine and redis.call('ZREM', KEYS[1], id) == 1 then
     held[#held + 1] = attempt
-  elseif not (mine and tonumber(job[3]) == attempt[4]) then
+  elseif not (mine and tonumber(redis.call('HGET', key, 'finished_at')) == attempt[4]) then
     stale[#stale + 1] = id
   end
 end

@@ -52,7 +52,7 @@ class Slot:
         self._lost_version: Any = ctx.RawValue(ctypes.c_long, 0)
 
     def set_held(self, holder: str, tokens: list[Token]) -> None:
-        data = " ".join(token.encode() for token in tokens).encode()
+        data = " ".join([token.text for token in tokens]).encode()
         if len(data) > len(self._held):
             raise ValueError("more jobs held than the slot was sized for")
         with self._lock:
@@ -67,7 +67,7 @@ class Slot:
 
     def start(self, token: Token, timeout: float) -> None:
         with self._lock:
-            self._running.value = token.encode().encode()
+            self._running.value = token.text.encode()
             self._deadline.value = time.monotonic() + timeout
 
     def stop(self) -> None:
@@ -81,7 +81,7 @@ class Slot:
             return Running(found[0], self._deadline.value) if found else None
 
     def mark_lost(self, tokens: list[Token]) -> None:
-        data = " ".join(token.encode() for token in tokens).encode()[: len(self._lost) - 1]
+        data = " ".join([token.text for token in tokens]).encode()[: len(self._lost) - 1]
         with self._lock:
             self._lost.value = data
             self._lost_version.value += 1

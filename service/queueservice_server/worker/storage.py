@@ -58,16 +58,19 @@ class Taken:
     keys: QueueKeys
     local_id: str
     task: str
+    token: Token
     ready_ms: int
-    attempt: int
-    holder: str
     take_ms: int
     take_mono: float
     start_mono: float = 0.0
 
     @property
-    def token(self) -> Token:
-        return Token(self.job_id, self.attempt, self.holder)
+    def attempt(self) -> int:
+        return self.token.attempt
+
+    @property
+    def holder(self) -> str:
+        return self.token.holder
 
     def redis_ms(self, mono: float) -> int:
         return self.take_ms + int((mono - self.take_mono) * 1000)
@@ -172,14 +175,14 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
                 self._not_before[keys.queue] = mono + reply.wait_ms / 1000
                 continue
             for job in reply.jobs:
+                job_id = f"{keys.queue}:{job.local_id}"
                 taken = Taken(
-                    f"{keys.queue}:{job.local_id}",
+                    job_id,
                     keys,
                     job.local_id,
                     job.task,
+                    Token(job_id, job.attempt, core.worker_id),
                     job.ready_ms,
-                    job.attempt,
-                    core.worker_id,
                     reply.now_ms,
                     mono,
                 )
@@ -209,6 +212,8 @@ class QueueStorage(BaseStorage):  # type: ignore[misc]
         self._pending = []
         for taken, _ in settled:
             self._held.pop(taken.job_id, None)
+        if not any(replies):
+            return
         for keys, stale in zip(self._settles_by_queue(settled), replies, strict=True):
             for local in stale:
                 log.warning(
