@@ -343,7 +343,7 @@ def test_a_dead_upstream_means_a_dead_proxy() -> None:
 def test_only_loopback_upstreams() -> None:
     for upstream in ("192.0.2.1", "example.invalid", "0.0.0.0"):
         with pytest.raises(ValueError, match="loopback"):
-            FaultProxy((upstream, 6379))
+            FaultProxy((upstream, 1))
     with pytest.raises(ValueError):
         FaultProxy.from_url("unix:///tmp/redis.sock")
     assert FaultProxy.from_url("redis://localhost:1/3").upstream == ("127.0.0.1", 1)

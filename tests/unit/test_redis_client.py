@@ -13,7 +13,7 @@ from queueservice_server.settings import Settings
 
 
 def test_timeouts_keepalive_pool_and_health_checks() -> None:
-    options = client_options(Settings(), "redis://127.0.0.1:6379/0")
+    options = client_options(Settings(), f"redis://127.0.0.1:{free_port()}/0")
     assert options["socket_timeout"] == 5
     assert options["socket_connect_timeout"] == 10
     assert options["health_check_interval"] == 30
@@ -41,7 +41,7 @@ def test_a_dead_redis_fails_at_once_without_retries() -> None:
 
 
 def test_a_broken_connection_is_retried_once_and_timeouts_never() -> None:
-    client = sync_client(Settings(), "redis://127.0.0.1:6379/0")
+    client = sync_client(Settings(), f"redis://127.0.0.1:{free_port()}/0")
     retry = client.connection_pool.connection_kwargs["retry"]
     assert retry.get_retries() == 1
     assert retry._supported_errors == (redis.ConnectionError,)
