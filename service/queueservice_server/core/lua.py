@@ -44,11 +44,6 @@ local function retain(set, keep, counters, field, prefix)
     redis.call('HINCRBY', counters, field, excess)
   end
 end
-local function fail(key, id, failed, error, keep, counters, prefix)
-  redis.call('HSET', key, 'state', 'FAILED', 'finished_at', now, 'error', error)
-  redis.call('ZADD', failed, now, id)
-  retain(failed, keep, counters, 'evicted_failed', prefix)
-end
 -- Whether the job in `key` is still held under this token (the attempt and holder TAKE wrote).
 local function holds(key, attempt, holder)
   local job = redis.call('HMGET', key, 'attempts', 'worker')
@@ -113,7 +108,9 @@ local function fail_recorded(key, id, failed, error, keep, counters, prefix, str
   local job = redis.call('HMGET', key, 'task', 'attempts', 'ready_at', 'started_at', 'worker')
   local start = tonumber(job[4] or '') or now
   local wait = math.max(0, start - (tonumber(job[3] or '') or start))
-  fail(key, id, failed, error, keep, counters, prefix)
+  redis.call('HSET', key, 'state', 'FAILED', 'finished_at', now, 'error', error)
+  redis.call('ZADD', failed, now, id)
+  retain(failed, keep, counters, 'evicted_failed', prefix)
   emit(stream, maxlen, redis.call('HINCRBY', counters, 'timings', 1), id, job[1] or '', 'FAILED',
     tonumber(job[2] or '0'), wait, start, now, job[5] or '', error)
   tally(figures, 'failed', wait, math.max(0, now - start))

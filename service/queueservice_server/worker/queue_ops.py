@@ -53,6 +53,11 @@ class QueueOps:
         dead worker's job is back within 3/4 + 1/4 of the interval."""
         return int(self.settings.stall_interval * 750)
 
+    @property
+    def minute_ttl_s(self) -> int:
+        """How long a per-minute figures hash lives: the history kept, and two minutes more."""
+        return int(self.settings.metrics_history) + 120
+
     def take(self, keys: QueueKeys, count: int, token: str, pipe: Any = None) -> Any:
         """Queues TAKE on `pipe` (or runs it): see lua.TAKE and scripts.TakeReply. A take that
         may not have reached Redis is sent again with the same `token`, which returns its jobs."""
@@ -79,7 +84,7 @@ class QueueOps:
                 token,
                 self.settings.timings_retained,
                 keys.minute_prefix,
-                int(self.settings.metrics_history) + 120,
+                self.minute_ttl_s,
             ],
             pipe,
         )
@@ -94,7 +99,7 @@ class QueueOps:
             self.settings.keep_completed,
             self.settings.keep_failed,
             self.settings.timings_retained,
-            int(self.settings.metrics_history) + 120,
+            self.minute_ttl_s,
             msgpack.packb([attempt_args(attempt) for attempt in attempts], use_bin_type=False),
         ]
         return call(
@@ -135,7 +140,7 @@ class QueueOps:
                 self.lease_ms,
                 self.settings.timings_retained,
                 keys.minute_prefix,
-                int(self.settings.metrics_history) + 120,
+                self.minute_ttl_s,
                 *triples,
             ],
         )
