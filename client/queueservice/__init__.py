@@ -1,8 +1,9 @@
 """Client for the queue service: `QueueClient` (blocking) and `AsyncQueueClient` (asyncio).
 
-    from queueservice import QueueClient, JobState
+    from queueservice import QueueClient, JobState, tls_credentials
 
-    with QueueClient("queue.internal:50051", metadata=[("authorization", "Bearer ...")]) as client:
+    tls = tls_credentials(ca="ca.pem")  # add cert= and key= for mTLS
+    with QueueClient("queue.internal:50051", credentials=tls, token=os.environ["QUEUE_TOKEN"]) as client:
         job_id = client.enqueue("billing.send_invoice", {"invoice": 42}, queue="emails", delay=60)
         job = client.get_job(job_id)
         done = job.state == JobState.JOB_STATE_COMPLETED
@@ -26,7 +27,7 @@ from queueservice.errors import (
     Unavailable,
     Unimplemented,
 )
-from queueservice.options import DEFAULT_TIMEOUT, JobOptions, job_request
+from queueservice.options import DEFAULT_TIMEOUT, JobOptions, job_request, tls_credentials
 from queueservice.v1.admin_service_pb2 import JobOutcome
 from queueservice.v1.job_pb2 import Job, JobState
 from queueservice.v1.queue_service_pb2 import EnqueueRequest, EnqueueResponse
@@ -53,4 +54,5 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "job_request",
+    "tls_credentials",
 ]

@@ -45,11 +45,12 @@ class AsyncQueueClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Sequence[tuple[str, str]] = (),
         options: Iterable[ChannelOption] = (),
     ) -> None:
-        call = CallSettings.create(timeout, metadata)
+        call = CallSettings.create(timeout, metadata, token)
         merged = opts.channel_options(options)
         if credentials is None:
             channel = grpc.aio.insecure_channel(target, options=merged)

@@ -30,7 +30,9 @@ class QueueClient:
 
     `timeout` is the default deadline of every call in seconds (None: no
     deadline); each method's `deadline` overrides it for one call.
-    `metadata` goes with every call (for example ("authorization", "Bearer ...")).
+    `token` is sent with every call as `authorization: Bearer <token>`; `credentials`
+    (e.g. `queueservice.tls_credentials(ca="ca.pem")`) makes the channel TLS.
+    `metadata` goes with every call too.
     Failed calls raise `queueservice.errors.QueueError` subclasses.
     """
 
@@ -39,11 +41,12 @@ class QueueClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         metadata: Sequence[tuple[str, str]] = (),
         options: Iterable[ChannelOption] = (),
     ) -> None:
-        call = CallSettings.create(timeout, metadata)
+        call = CallSettings.create(timeout, metadata, token)
         merged = opts.channel_options(options)
         if credentials is None:
             channel = grpc.insecure_channel(target, options=merged)

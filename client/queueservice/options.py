@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict, Unpack
 
+import grpc
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
@@ -27,6 +29,7 @@ __all__ = [
     "retry_failed_request",
     "stats_request",
     "stream_timings_request",
+    "tls_credentials",
     "to_duration",
     "to_timestamp",
 ]
@@ -81,7 +84,13 @@ class CallSettings:
     metadata: tuple[tuple[str, str], ...]
 
     @classmethod
-    def create(cls, timeout: float | None, metadata: Iterable[tuple[str, str]]) -> CallSettings:
+    def create(
+        cls, timeout: float | None, metadata: Iterable[tuple[str, str]], token: str | None = None
+    ) -> CallSettings:
+        if token is not None:
+            if not token or token != token.strip() or "\n" in token:
+                raise ValueError("token must be the bearer token itself: non-empty, no spaces around it")
+            metadata = [*metadata, ("authorization", f"Bearer {token}")]
         if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         pairs = tuple((str(key), str(value)) for key, value in metadata)
@@ -94,6 +103,25 @@ class CallSettings:
     def deadline(self, override: float | None) -> float | None:
         """The timeout for one call: `override` when given, else the client's."""
         return self.timeout if override is None else override
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: `ca` to trust (None: the system's roots), and
+    `cert` + `key` for a client certificate (mTLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("give cert and key together (a client certificate needs its key)")
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
 
 
 def to_duration(value: Seconds) -> duration_pb2.Duration:

@@ -88,6 +88,16 @@ class Settings:
     redis_connect_timeout: float = 10.0
     redis_keepalive: int = 30
     redis_tls_insecure: bool = False
+    # None means: on in prod, off in dev. On needs QUEUE_AUTH_FILE (see api/auth.py for its format).
+    auth: bool | None = None
+    auth_file: str = ""
+    # Health and reflection answer without credentials unless these are off.
+    health_open: bool = True
+    reflection_open: bool = True
+    # Server TLS from PEM files (reloaded when they change); a client CA turns on mTLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
     key_prefix: str = "qs"
     log_level: str = "INFO"
 
@@ -96,6 +106,10 @@ class Settings:
         if self.worker_concurrency is not None:
             return self.worker_concurrency
         return 10 if self.env == "prod" else 3
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.env == "prod" if self.auth is None else self.auth
 
     @property
     def embedded_redis(self) -> bool:
@@ -159,6 +173,18 @@ class Settings:
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("QUEUE_REDIS_URL must start with redis://, rediss:// or unix://")
         self._validate_monitoring()
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        if self.auth_enabled and not self.auth_file:
+            raise SettingsError(
+                "authentication is on (QUEUE_AUTH, on by default in prod) but QUEUE_AUTH_FILE is not set: "
+                "name the identities file, or set QUEUE_AUTH=false for local development"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SettingsError("QUEUE_TLS_CERT and QUEUE_TLS_KEY go together: set both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError("QUEUE_TLS_CLIENT_CA (mTLS) needs server TLS: set QUEUE_TLS_CERT and QUEUE_TLS_KEY")
 
     def _validate_monitoring(self) -> None:
         if self.metrics_interval <= 0 or self.metrics_history < 60:
@@ -237,6 +263,13 @@ _PARSERS: dict[str, Any] = {
     "redis_connect_timeout": float,
     "redis_keepalive": int,
     "redis_tls_insecure": _bool,
+    "auth": _optional_bool,
+    "auth_file": str.strip,
+    "health_open": _bool,
+    "reflection_open": _bool,
+    "tls_cert": str.strip,
+    "tls_key": str.strip,
+    "tls_client_ca": str.strip,
     "key_prefix": str.strip,
     "log_level": str.strip,
 }

@@ -27,7 +27,7 @@ def test_defaults_match_the_design() -> None:
 
 
 def test_prod_concurrency_and_overrides() -> None:
-    assert Settings.from_env({"QUEUE_ENV": "prod"}).concurrency == 10
+    assert Settings.from_env({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false"}).concurrency == 10
     settings = Settings.from_env(
         {
             "QUEUE_ENV": "prod",
@@ -37,6 +37,7 @@ def test_prod_concurrency_and_overrides() -> None:
             "QUEUE_TASK_MODULES": "myapp.tasks,other.tasks",
             "QUEUE_DATA_DIR": "/var/lib/queue",
             "QUEUE_DIAG_TASKS": "off",
+            "QUEUE_AUTH_FILE": "/etc/queue/auth",
         }
     )
     assert settings.concurrency == 4
