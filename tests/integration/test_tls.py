@@ -9,10 +9,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 
-from queueservice import PermissionDenied, QueueClient, Unavailable, tls_credentials
+from queueservice import PermissionDenied, QueueClient, Unauthenticated, Unavailable, tls_credentials
 from queueservice_server.settings import Settings
 from tests.certs import CertificateAuthority, Issued
 from tests.integration.test_auth import write_auth_file
@@ -77,9 +76,8 @@ def test_mtls_maps_client_certificates_to_roles(
         viewer.get_stats()
         assert not viewer.get_job(job_id).HasField("payload")
     # A certificate the CA signed but the auth file does not list: no identity.
-    with client(nobody) as unlisted, pytest.raises(grpc.RpcError) as refused:
-        unlisted.channel.unary_unary("/queueservice.v1.QueueAdminService/GetStats")(b"", timeout=5)
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with client(nobody) as unlisted:
+        stats_fails_with(unlisted, Unauthenticated)
     # A bearer token on top of a certificate selects the token's identity.
     with client(billing, token=tokens["oncall"]) as operator:
         operator.get_stats()
