@@ -64,11 +64,12 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
-        self.path = folder / f"{name.replace(' ', '-')}.pem"
+        self.path = folder / "ca.pem"
         self.path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool = False, dns: tuple[str, ...] = ()) -> Issued:
-        """A leaf certificate: for a server (SAN localhost and 127.0.0.1 added) or for a client."""
+    def issue(self, common_name: str, *, server: bool = False, dns: tuple[str, ...] = (), stem: str = "") -> Issued:
+        """A leaf certificate, in `<stem>.crt` and `<stem>.key` (stem: the common name): for a server
+        (SAN localhost and 127.0.0.1 added) or for a client."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
@@ -90,8 +91,8 @@ class CertificateAuthority:
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         certificate = builder.sign(self.key, hashes.SHA256())
-        stem = self.folder / common_name.replace("/", "_")
-        issued = Issued(stem.with_suffix(".crt"), stem.with_suffix(".key"))
+        base = stem or common_name.replace("/", "_")
+        issued = Issued(self.folder / f"{base}.crt", self.folder / f"{base}.key")
         issued.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         _write_key(key, issued.key)
         return issued

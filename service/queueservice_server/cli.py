@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from queueservice_server import logs
+from queueservice_server.api.auth import AuthFileError, new_token, parse_identities
 from queueservice_server.api.server import serve
 from queueservice_server.embedded import RedisServer
 from queueservice_server.settings import Settings, SettingsError
@@ -64,12 +65,34 @@ def cmd_worker(settings: Settings) -> None:
     run_worker(settings, settings.redis_url)
 
 
+def cmd_token(name: str, roles: str) -> None:
+    """A new bearer token: its auth-file line on stdout (`>> auth-file`), the token itself on stderr, once."""
+    token, credential = new_token()
+    line = f"{name} {roles} {credential}"
+    try:
+        parse_identities(line)
+    except AuthFileError as exc:
+        # The reason without "QUEUE_AUTH_FILE line 1: ", which would point at a file not involved.
+        raise SettingsError(str(exc).split(": ", 1)[-1]) from exc
+    print(line)
+    print(f"token for {name} (shown once, stored nowhere): {token}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="queue-service", description="gRPC queue service on Huey and Redis")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server (and, on the embedded Redis, workers)")
     commands.add_parser("worker", help="run worker processes on QUEUE_REDIS_URL")
+    token = commands.add_parser("token", help="make a bearer token and its QUEUE_AUTH_FILE line")
+    token.add_argument("name", help="who holds it, as audit lines will name them")
+    token.add_argument("roles", help="comma-separated: producer, viewer, operator")
     args = parser.parse_args(argv)
+    if args.command == "token":
+        try:
+            cmd_token(args.name, args.roles)
+        except SettingsError as exc:
+            parser.exit(2, f"queue-service: {exc}\n")
+        return
     try:
         settings = Settings.from_env()
     except SettingsError as exc:

@@ -17,7 +17,9 @@ from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
+from queueservice_server.api.auth import permission_table, token_digest
 from queueservice_server.settings import Settings
+from tests.certs import CertificateAuthority
 from tests.support import ROOT, WorkerProcess, request, stub_for, wait_all
 
 README = ROOT / "README.md"
@@ -93,11 +95,47 @@ def messages(text: str) -> list[Any]:
     return found
 
 
+# The identities behind the README's example tokens and client certificate, as its "Security" section lists them.
+DOC_IDENTITIES = {
+    "qs_dashboard_example_token": "dashboard viewer",
+    "qs_ci_deploy_example_token": "ci-deploy producer",
+}
+
+
+def secured_servers(settings: Settings, server_factory: Callable[[Settings], str], folder: Path) -> tuple[str, str]:
+    """A TLS server taking the README's tokens and an mTLS one taking its client certificate, both on
+    `settings`' Redis, with their files under `folder` where the README's commands look for them."""
+    ca = CertificateAuthority(folder / "pki")
+    server = ca.issue("queue.internal", server=True, stem="server")
+    ca.issue("oncall.example", stem="oncall")
+    shown = set(re.findall(r"Bearer (qs_\w+)", README.read_text()))
+    assert shown and shown <= set(DOC_IDENTITIES), f"tokens the test does not know: {shown - set(DOC_IDENTITIES)}"
+    lines = [f"{who} sha256:{token_digest(token).hex()}" for token, who in DOC_IDENTITIES.items()]
+    (folder / "auth").write_text("\n".join([*lines, "oncall operator cn:oncall.example"]) + "\n")
+    tls = replace(
+        settings, auth=True, auth_file=str(folder / "auth"), tls_cert=str(server.cert), tls_key=str(server.key)
+    )
+    return server_factory(tls), server_factory(replace(tls, tls_client_ca=str(ca.path)))
+
+
+def test_the_readme_permission_table_is_the_code_s() -> None:
+    rows = [
+        "| RPC | roles | notes |",
+        "|---|---|---|",
+        *(f"| `{rpc}` | {roles} | {notes} |" for rpc, roles, notes in permission_table()),
+    ]
+    assert "\n".join(rows) + "\n" in README.read_text()
+
+
 def test_the_readme_shows_what_grpcurl_prints(
-    settings: Settings, server_factory: Callable[[Settings], str], worker_factory: Callable[..., WorkerProcess]
+    settings: Settings,
+    server_factory: Callable[[Settings], str],
+    worker_factory: Callable[..., WorkerProcess],
+    tmp_path: Path,
 ) -> None:
     settings = replace(settings, worker_concurrency=3)
     address = server_factory(settings)
+    tls_address, mtls_address = secured_servers(settings, server_factory, tmp_path)
     stub = stub_for(address)
     worker_factory(settings)
     job_id = stub.Enqueue(request("diag.noop")).job_id
@@ -109,7 +147,8 @@ def test_the_readme_shows_what_grpcurl_prints(
     shown = sessions()
     assert len(shown) >= 8, "the README's grpcurl sessions were not found"
     for shown_command, documented in shown:
-        command = re.sub(r'"job_id": "[^"]*"', f'"job_id": "{job_id}"', shown_command.replace(DOC_ADDRESS, address))
+        target = mtls_address if " -cert " in shown_command else tls_address if "-cacert" in shown_command else address
+        command = re.sub(r'"job_id": "[^"]*"', f'"job_id": "{job_id}"', shown_command.replace(DOC_ADDRESS, target))
         args = shlex.split(command)
         assert args[0] == "grpcurl"
         streaming = "StreamTimings" in command
@@ -119,9 +158,15 @@ def test_the_readme_shows_what_grpcurl_prints(
             text=True,
             timeout=30,
             check=False,
+            cwd=tmp_path,
         )
-        assert streaming or done.returncode == 0, (command, done.stderr)
+        refused = documented.startswith("ERROR:")
+        assert streaming or refused or done.returncode == 0, (command, done.stderr)
         if not documented:
+            continue
+        if refused:
+            # grpcurl prints a refusal on stderr: code and message, word for word.
+            assert done.stderr.split() == documented.split(), (command, done.stderr)
             continue
         if not documented.startswith("{"):
             assert done.stdout.split() == documented.split(), command
