@@ -18,6 +18,7 @@ from pathlib import Path
 from bench.harness import Machine, Row, log, table
 from bench.infra import ROOT
 from bench.rows_admin import row_stats, row_stream
+from bench.rows_auth import row_auth
 from bench.rows_chaos import row_chaos
 from bench.rows_grpc import row_batch, row_unary
 from bench.rows_memory import row_memory
@@ -85,6 +86,10 @@ ROWS: dict[int, tuple[str, RowRunner]] = {
     5: ("StreamTimings fan-out", lambda d, s: row_stream(d, jobs=s.stream_jobs, repeats=3)),
     6: ("Redis memory per job", lambda d, s: row_memory(d, jobs=s.memory_jobs, repeats=3)),
     7: ("chaos", lambda d, s: row_chaos(d, jobs=s.chaos_jobs, seconds=s.chaos_seconds, repeats=s.chaos_repeats)),
+    8: (
+        "authentication cost",
+        lambda d, s: row_auth(d, seconds=s.load_seconds, repeats=s.repeats, batch_jobs=s.batch_jobs),
+    ),
 }
 
 METHOD = """\
@@ -124,6 +129,9 @@ ROWS_TEXT = """\
    Redis) while the chaos test's driver (tests/chaos.py) kills worker processes,
    restarts Redis and drops replies, against the same load with no fault; every
    invariant of tests/invariants.py must hold after every run.
+8. Authentication's cost: rows 1 and 2's loads against two servers on one Redis,
+   one with QUEUE_AUTH on (a bearer token checked per call, an audit line per
+   call written at log level INFO) and one with it off at the same log level.
 """
 
 
