@@ -4,6 +4,7 @@ viewers, audit lines, token reload on SIGHUP, health and reflection open."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from queueservice import QueueClient, Unauthenticated
+from queueservice import AsyncQueueClient, PermissionDenied, QueueClient, Unauthenticated
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
 from queueservice_server.api.auth import PERMISSIONS, Role, new_token
 from queueservice_server.embedded import free_port
@@ -276,3 +277,22 @@ def test_sighup_reloads_the_tokens_without_a_restart(auth_settings: Settings, to
         serve.stop()
     log = (tmp_path / "serve.log").read_text()
     assert fresh["newcomer"] not in log and tokens.by_name["viewer"] not in log
+
+
+def test_the_async_client_sends_its_token(
+    auth_settings: Settings, server_factory: Callable[[Settings], str], tokens: Tokens
+) -> None:
+    address = server_factory(auth_settings)
+
+    async def round_trip() -> None:
+        async with AsyncQueueClient(address, token=tokens.by_name["producer"]) as client:
+            job_id = await client.enqueue("diag.noop")
+            assert (await client.get_job(job_id)).id == job_id
+        async with AsyncQueueClient(address, token=tokens.by_name["viewer"]) as viewer:
+            with pytest.raises(PermissionDenied, match="needs the producer or operator role"):
+                await viewer.enqueue("diag.noop")
+
+    asyncio.run(round_trip())
+    for bad in ["", " padded ", "two\nlines"]:
+        with pytest.raises(ValueError, match="token"):
+            QueueClient(address, token=bad)
