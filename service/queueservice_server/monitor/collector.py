@@ -106,7 +106,7 @@ class Collector:
                 for field, amount in fields.items():
                     # Maxima do not add up; everything else (counts, sums, histogram buckets) does.
                     if not field.endswith(b"_max"):
-                        totals[field.decode()] += int(amount)
+                        totals[field.decode(errors="replace")] += int(amount)
             pipe.multi()  # type: ignore[no-untyped-call]
             for name, total in totals.items():
                 pipe.hincrby(keys.histograms, name, total)
