@@ -99,9 +99,9 @@ def redis_error(found: Trouble, exc: Exception) -> ApiError:
         # operator fixes the password, and another replica may serve it meanwhile.
         return ApiError(
             grpc.StatusCode.UNAVAILABLE,
-            f"Redis refused the password this server connects with ({exc}); the operator must set the "
-            "right password in QUEUE_REDIS_URL (redis://:PASSWORD@host:port/db) and restart the server; "
-            "retry later or on another replica",
+            f"Redis refused the password this server connects with, or asked for one it was not given ({exc}); "
+            "the operator must put the right password in QUEUE_REDIS_URL (redis://:PASSWORD@host:port/db) and "
+            "restart the server; retry later or on another replica",
             [_error_info("REDIS_AUTH_FAILED")],
         )
     if found.kind is Kind.OUT_OF_MEMORY:
