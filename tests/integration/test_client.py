@@ -33,6 +33,9 @@ from queueservice.v1 import admin_service_pb2, job_pb2
 from queueservice_server.settings import Settings
 from tests.support import ROOT, WorkerProcess, wait_for
 
+# Well-formed (a malformed id is INVALID_ARGUMENT), of no job.
+UNKNOWN_JOB = "default:" + "0" * 32
+
 StartWorker = Callable[..., WorkerProcess]
 StartServer = Callable[[Settings], str]
 
@@ -168,8 +171,8 @@ def test_batch_violations_name_the_job(client: QueueClient) -> None:
 
 def test_unknown_job_and_unknown_queue_are_not_found(client: QueueClient) -> None:
     with pytest.raises(NotFound) as job_missing:
-        client.get_job("default:does-not-exist")
-    assert (job_missing.value.resource_type, job_missing.value.resource_name) == ("job", "default:does-not-exist")
+        client.get_job(UNKNOWN_JOB)
+    assert (job_missing.value.resource_type, job_missing.value.resource_name) == ("job", UNKNOWN_JOB)
 
     with pytest.raises(NotFound) as queue_missing:
         client.enqueue("diag.noop", queue="nope")
@@ -213,7 +216,7 @@ def test_admin_calls(client: QueueClient, settings: Settings, worker_factory: St
     assert [field for field, _ in invalid.value.field_violations] == ["window"]
     with pytest.raises(NotFound):
         client.get_stats("nope")
-    assert list(client.retry_failed("default", job_ids=["default:x"]).not_found_job_ids) == ["default:x"]
+    assert list(client.retry_failed("default", job_ids=[UNKNOWN_JOB]).not_found_job_ids) == [UNKNOWN_JOB]
 
     worker_factory(settings)
     job_id = client.enqueue("diag.noop")
@@ -290,7 +293,7 @@ def test_async_client_round_trip(address: str) -> None:
                 await client.enqueue("no.such.task")
             assert [field for field, _ in invalid.value.field_violations] == ["task"]
             with pytest.raises(NotFound):
-                await client.get_job("emails:does-not-exist")
+                await client.get_job("emails:" + "0" * 32)
             stats = await client.get_stats("emails")
             assert [(q.queue, q.counts.waiting) for q in stats.queues] == [("emails", 2)]
             report = await client.get_performance("emails")

@@ -246,7 +246,8 @@ def test_empty_batch_is_invalid_argument(queue_stub: Stub) -> None:
     assert "jobs" in violations(error)
 
 
-@pytest.mark.parametrize("job_id", ["does-not-exist", "default:" + "0" * 32, "nope:" + "a" * 32, "default:x"])
+# Well-formed ids that name no job; malformed ones are INVALID_ARGUMENT (test_hostile_input.py).
+@pytest.mark.parametrize("job_id", ["default:" + "0" * 32, "nope:" + "a" * 32])
 def test_unknown_job_id_is_not_found(queue_stub: Stub, job_id: str) -> None:
     error = rpc_error(lambda: queue_stub.GetJob(queue_service_pb2.GetJobRequest(job_id=job_id)))
     assert error.code() == grpc.StatusCode.NOT_FOUND

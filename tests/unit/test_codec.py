@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from queueservice_server.core.codec import MessageDecodeError, decode_message, encode_message
 from queueservice_server.worker.serializer import MsgpackSerializer, huey_message
+from queueservice_server.worker.storage import MAX_ERROR_CHARS, format_error
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(),
@@ -98,3 +99,12 @@ def test_encoding_is_plain_msgpack(payload: dict[str, Any], retries: int, delay:
         encode_message(payload=payload, retries=retries, retry_delay=delay, retry_backoff=2.0, timeout=timeout)
         == expected
     )
+
+
+def test_a_task_error_is_always_utf8_and_cut_between_characters() -> None:
+    # A lone surrogate (say, from a file name decoded with surrogateescape) cannot be encoded
+    # for Redis; it becomes "?" rather than breaking the write of the attempt.
+    assert format_error(ValueError("bad \udce9 name")) == "ValueError: bad ? name"
+    long = format_error(RuntimeError("😀" * 5000))
+    assert len(long) == MAX_ERROR_CHARS and long.endswith("😀…")
+    long.encode()

@@ -5,19 +5,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.api.errors import Context, invalid_argument, rpc, rpc_stream
+from queueservice_server.api.errors import Context, invalid_argument, quoted, rpc, rpc_stream
 from queueservice_server.api.monitor_convert import (
     OUTCOME_FILTERS,
     delivery_to_proto,
     performance_to_proto,
     stats_to_proto,
 )
-from queueservice_server.api.validation import Validator
+from queueservice_server.api.validation import JOB_ID_FORM, Validator, duration_problem, job_id_problem
 from queueservice_server.core.producer import Producer
-from queueservice_server.monitor.events import CursorError, Filter, decode_cursor
+from queueservice_server.monitor.events import ORIGIN, CursorError, Filter, Position, decode_cursor, id_text
 from queueservice_server.monitor.runner import Monitoring
 
 MAX_RETRY_IDS = 10_000
+# Malformed ids named one by one in a RetryFailed error, at most (the rest are counted), so
+# that the error fits in the 8 KiB of metadata clients accept.
+MAX_LISTED_IDS = 10
 
 
 class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
@@ -43,6 +46,8 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         self, request: admin_service_pb2.GetPerformanceRequest, context: Context
     ) -> admin_service_pb2.GetPerformanceResponse:
         queues = self._queues(request.queue)
+        if request.HasField("window") and (problem := duration_problem(request.window)):
+            raise invalid_argument([("window", f"not a valid Duration: {problem}")])
         window = (
             request.window.ToNanoseconds() / 1e9 if request.HasField("window") else self.settings.performance_window
         )
@@ -63,7 +68,7 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         violations: list[tuple[str, str]] = []
         if request.task and request.task not in self.validator.tasks:
             known = ", ".join(sorted(self.validator.tasks)) or "none"
-            violations.append(("task", f"unknown task {request.task!r}; registered tasks: {known}"))
+            violations.append(("task", f"unknown task {quoted(request.task)}; registered tasks: {known}"))
         if request.outcome and request.outcome not in OUTCOME_FILTERS:
             violations.append(("outcome", f"unknown outcome {request.outcome}"))
         retained = self.settings.timings_retained
@@ -77,9 +82,31 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
                 violations.append(("cursor", f"not a cursor from this service: {exc}"))
         if violations:
             raise invalid_argument(violations)
+        if cursor:
+            await self._check_not_ahead(cursor)
         wanted = Filter(queues, request.task, OUTCOME_FILTERS.get(request.outcome))
         async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
             yield delivery_to_proto(delivery)
+
+    async def _check_not_ahead(self, cursor: dict[str, Position]) -> None:
+        ahead = await self.monitoring.hub.ahead(cursor)
+        if not ahead:
+            return
+        problems = [
+            f"queue {queue!r} at {id_text(given.id)} is ahead of the newest timing in Redis ("
+            + ("the stream is empty" if end == ORIGIN else id_text(end.id))
+            + ")"
+            for queue, given, end in ahead
+        ]
+        raise invalid_argument(
+            [
+                (
+                    "cursor",
+                    f"{'; '.join(problems)}: this cursor was not written for this Redis; "
+                    "start again without a cursor, or with last_n",
+                )
+            ]
+        )
 
     @rpc
     async def RetryFailed(
@@ -91,6 +118,15 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
             violations.append(("limit", f"must be 0 (no limit) or positive, got {request.limit}"))
         if len(request.job_ids) > MAX_RETRY_IDS:
             violations.append(("job_ids", f"at most {MAX_RETRY_IDS} ids per call, got {len(request.job_ids)}"))
+        else:
+            # Malformed ids are a mistake to fix; well-formed unknown ones are answered in not_found_job_ids.
+            malformed = [(i, p) for i, job_id in enumerate(request.job_ids) if (p := job_id_problem(job_id, False))]
+            violations += [(f"job_ids[{i}]", problem) for i, problem in malformed[:MAX_LISTED_IDS]]
+            if malformed:
+                more = len(malformed) - MAX_LISTED_IDS
+                violations.append(
+                    ("job_ids", (f"and {more} more ids that are not job ids; " if more > 0 else "") + JOB_ID_FORM)
+                )
         if violations:
             raise invalid_argument(violations)
         result = await self.producer.retry_failed(queue, list(request.job_ids), request.task, request.limit)

@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from queueservice_server.api.wrappers import MalformedRequest
-from queueservice_server.core.redis import REDIS_DOWN
+from queueservice_server.core.redis import Kind, Trouble, trouble
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,12 @@ class ApiError(Exception):
         for detail in self.details:
             status.details.add().Pack(detail)
         return rpc_status.to_status(status)
+
+
+def quoted(text: str, limit: int = 40) -> str:
+    """`text` as an error message shows what a caller sent: quoted, and cut when long, since
+    status messages and details travel in metadata that clients cap at 8 KiB."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> ApiError:
@@ -74,18 +80,61 @@ async def abort(context: Context, error: ApiError) -> None:
     await context.abort_with_status(error.to_status())  # type: ignore[attr-defined]
 
 
+# What each "try again" reply means, as the caller's message says it.
+_RETRY_REASONS = {
+    "READONLY": "is a read-only replica (READONLY: a failover demoted it, or QUEUE_REDIS_URL names a replica)",
+    "MASTERDOWN": "is a replica that lost its primary (MASTERDOWN)",
+    "BUSY": "is busy running a long script (BUSY)",
+    "LOADING": "is loading its data into memory (LOADING)",
+    "TRYAGAIN": "is moving keys between cluster nodes (TRYAGAIN)",
+    "CLUSTERDOWN": "is a cluster that cannot serve every slot (CLUSTERDOWN)",
+}
+
+
+def redis_error(found: Trouble, exc: Exception) -> ApiError:
+    """The status a caller gets for a Redis error that `trouble` recognised."""
+    if found.kind is Kind.AUTH:
+        # UNAVAILABLE, not FAILED_PRECONDITION: the request is fine and nothing the caller can
+        # change makes it work; this server cannot serve (health says NOT_SERVING) until its
+        # operator fixes the password, and another replica may serve it meanwhile.
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"Redis refused the password this server connects with, or asked for one it was not given ({exc}); "
+            "the operator must put the right password in QUEUE_REDIS_URL (redis://:PASSWORD@host:port/db) and "
+            "restart the server; retry later or on another replica",
+            [_error_info("REDIS_AUTH_FAILED")],
+        )
+    if found.kind is Kind.OUT_OF_MEMORY:
+        message = (
+            "the queue's Redis is out of memory (maxmemory reached; it refuses writes rather than evict "
+            "keys): retry later, once jobs drain, or raise Redis's maxmemory"
+        )
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject="redis maxmemory", description=message)]
+        )
+        return ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, [quota, _error_info("REDIS_OUT_OF_MEMORY")])
+    if found.kind is Kind.RETRY:
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the queue's Redis {_RETRY_REASONS[found.code]}; retry with backoff",
+            [_error_info("REDIS_UNAVAILABLE", redis_error=found.code)],
+        )
+    return ApiError(
+        grpc.StatusCode.UNAVAILABLE,
+        "the queue's Redis is unreachable; retry with backoff",
+        [_error_info("REDIS_UNAVAILABLE")],
+    )
+
+
 async def _abort_for(context: Context, name: str, exc: Exception) -> None:
     """Ends the call with the status `exc` maps to; called from the `except` that caught it."""
     if isinstance(exc, ApiError):
         await abort(context, exc)
-    elif isinstance(exc, REDIS_DOWN):
-        log.warning("redis unavailable during %s: %s", name, exc)
-        error = ApiError(
-            grpc.StatusCode.UNAVAILABLE,
-            "the queue's Redis is unreachable; retry with backoff",
-            [_error_info("REDIS_UNAVAILABLE")],
-        )
-        await abort(context, error)
+        return
+    found = trouble(exc)
+    if found is not None:
+        log.warning("redis cannot serve %s: %s", name, exc, extra={"redis_error": found.code or found.kind.value})
+        await abort(context, redis_error(found, exc))
     else:
         ref = uuid.uuid4().hex[:12]
         log.exception("internal error in %s", name, extra={"error_ref": ref})
@@ -103,7 +152,7 @@ def _check_body(request: Any) -> None:
 
 
 def rpc(method: ServicerMethod[R]) -> ServicerMethod[R]:
-    """Maps ApiError to its status, Redis outages to UNAVAILABLE, and anything else to INTERNAL."""
+    """Maps ApiError to its status, Redis troubles to UNAVAILABLE or RESOURCE_EXHAUSTED, anything else to INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: Context) -> R:

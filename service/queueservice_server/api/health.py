@@ -1,4 +1,5 @@
-"""grpc.health.v1 status that follows Redis: NOT_SERVING while Redis does not answer."""
+"""grpc.health.v1 status that follows Redis: NOT_SERVING while Redis does not answer PING
+(unreachable, refusing the password, busy, loading, a replica without its primary...)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import asyncio
 import logging
 
 import redis.asyncio
+import redis.exceptions
 from grpc_health.v1 import health, health_pb2
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
-from queueservice_server.core.redis import REDIS_DOWN
+from queueservice_server.core.redis import Kind, trouble
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,11 @@ class RedisHealth:
         self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.serving: bool | None = None
 
-    async def _set(self, serving: bool) -> None:
+    async def _set(self, serving: bool, why: str = "") -> None:
         if serving == self.serving:
             return
-        if self.serving is not None:
-            log.warning("redis %s", "reachable again: SERVING" if serving else "unreachable: NOT_SERVING")
+        if self.serving is not None or not serving:
+            log.warning("redis %s", "answers again: SERVING" if serving else f"{why}: NOT_SERVING")
         self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in SERVICE_NAMES:
@@ -41,8 +43,16 @@ class RedisHealth:
     async def check(self) -> None:
         try:
             await self.client.ping()
-        except REDIS_DOWN:
-            await self._set(False)
+        except redis.exceptions.RedisError as exc:
+            # Any error reply to PING means Redis cannot serve now; the loop must outlive it.
+            found = trouble(exc)
+            if found is not None and found.kind is Kind.AUTH:
+                why = f"refused the password ({exc})"
+            elif found is not None and found.code:
+                why = f"cannot serve ({found.code}: {exc})"
+            else:
+                why = f"unreachable ({exc})"
+            await self._set(False, why)
         else:
             await self._set(True)
 

@@ -7,7 +7,7 @@ from google.protobuf import timestamp_pb2
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.api.convert import job_to_proto, timestamp_ms
 from queueservice_server.api.errors import Context, invalid_argument, not_found, rpc
-from queueservice_server.api.validation import Validator
+from queueservice_server.api.validation import JOB_ID_FORM, Validator, job_id_problem
 from queueservice_server.core.producer import Enqueued, Producer
 
 
@@ -51,7 +51,9 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self, request: queue_service_pb2.GetJobRequest, context: Context
     ) -> queue_service_pb2.GetJobResponse:
         if not request.job_id:
-            raise invalid_argument([("job_id", "required: a job id as returned by Enqueue")])
+            raise invalid_argument([("job_id", f"required: {JOB_ID_FORM}")])
+        if problem := job_id_problem(request.job_id):
+            raise invalid_argument([("job_id", problem)])
         record = await self.producer.get_job(request.job_id)
         if record is None:
             raise not_found("job", request.job_id, f"no job with id {request.job_id!r} (never existed or evicted)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,10 +30,13 @@ def new_local_ids(count: int) -> list[str]:
     return [hexed[i : i + 32] for i in range(0, 32 * count, 32)]
 
 
+_LOCAL_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def split_job_id(job_id: str) -> tuple[str, str] | None:
-    """(queue, local id), or None when `job_id` is not one of ours."""
+    """(queue, local id), or None when `job_id` is not one of ours (new_local_ids makes lowercase hex)."""
     queue, sep, local = job_id.rpartition(":")
-    if not sep or not QUEUE_NAME_RE.match(queue) or len(local) != 32 or not local.isalnum():
+    if not sep or not QUEUE_NAME_RE.match(queue) or not _LOCAL_ID.fullmatch(local):
         return None
     return queue, local
 

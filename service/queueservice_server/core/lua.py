@@ -96,11 +96,23 @@ local function write_figures(figures, minute_prefix, ttl, counters)
   end
   redis.call('EXPIRE', minute, ttl)
 end
+-- The first `n` bytes of `s`, cut back to the start of a UTF-8 character (at most 3 bytes:
+-- 0x80-0xBF continue a character), so a stored error never ends inside one.
+local function clip(s, n)
+  if #s <= n then return s end
+  local cut = n
+  while cut > n - 3 do
+    local next_byte = string.byte(s, cut + 1)
+    if next_byte < 0x80 or next_byte >= 0xC0 then break end
+    cut = cut - 1
+  end
+  return string.sub(s, 1, cut)
+end
 -- One timings stream entry; `seq` numbers the queue's entries so readers can tell what they missed.
 local function emit(stream, maxlen, seq, id, task, outcome, attempt, wait, start, finish, worker, err)
   redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'seq', seq, 'job', id, 'task', task,
     'outcome', outcome, 'attempt', attempt, 'wait', wait, 'proc', finish - start,
-    'start', start, 'finish', finish, 'worker', worker, 'error', string.sub(err, 1, 500))
+    'start', start, 'finish', finish, 'worker', worker, 'error', clip(err, 500))
 end
 -- A job that fails outside any worker's outcome (stalled too often, no record): its
 -- record, its timings entry and its figures, like any other failed attempt.

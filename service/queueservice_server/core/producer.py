@@ -135,7 +135,7 @@ class Producer:
         else:
             # The failed set is capped by retention (QUEUE_KEEP_FAILED), so listing it is cheap.
             members: list[bytes] = await self.client.zrange(keys.failed, 0, -1)  # type: ignore[assignment]
-            locals_ = [member.decode() for member in members]
+            locals_ = [member.decode(errors="replace") for member in members]
         async with self.client.pipeline(transaction=False) as pipe:
             for local in locals_:
                 pipe.hgetall(keys.job(local))

@@ -8,14 +8,22 @@ connection that broke (say, Redis restarted) is retried once, at once, on a
 fresh connection; timeouts are never retried. A retried command or pipeline
 may already have run: that is safe for reads, and for every Lua script
 (each is safe to re-run, see lua.py); WATCHed transactions are never retried
-(redis-py raises WatchError instead). `rediss://` verifies the certificate and the host name unless
+(redis-py raises WatchError instead). redis-py counts a refused password
+(AuthenticationError) and LOADING (BusyLoadingError) as connection errors, so
+they get that one retry too: a fresh connection, the same answer, no harm.
+The other "try again" replies (READONLY, BUSY, MASTERDOWN, ...) and OOM are
+reply errors, never retried here: the caller is told to back off (`trouble`).
+`rediss://` verifies the certificate and the host name unless
 QUEUE_REDIS_TLS_INSECURE is set, which is logged.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import re
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -32,6 +40,71 @@ log = logging.getLogger(__name__)
 # What a Redis that is down, restarting or still loading its data raises: callers answer
 # UNAVAILABLE (API) or try again later (monitoring, workers).
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+class Kind(enum.Enum):
+    """What a Redis error means for the caller."""
+
+    DOWN = "down"  # unreachable, timed out, or no connection free in the pool
+    RETRY = "retry"  # Redis answered "not now" (RETRY_CODES): the same call may succeed later
+    OUT_OF_MEMORY = "oom"  # maxmemory reached under noeviction: writes fail until memory frees
+    AUTH = "auth"  # Redis refused the password this process connects with
+
+
+# Error replies that mean "this server cannot do it now; try again".
+RETRY_CODES = frozenset({"READONLY", "MASTERDOWN", "BUSY", "LOADING", "TRYAGAIN", "CLUSTERDOWN"})
+
+# redis-py's classes for those replies (subclasses first: MasterDownError is a ClusterDownError).
+_CLASS_CODES: tuple[tuple[type[Exception], str], ...] = (
+    (redis.exceptions.AuthenticationError, "AUTH"),
+    (redis.exceptions.BusyLoadingError, "LOADING"),
+    (redis.exceptions.ReadOnlyError, "READONLY"),
+    (redis.exceptions.MasterDownError, "MASTERDOWN"),
+    (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
+    (redis.exceptions.TryAgainError, "TRYAGAIN"),
+    (redis.exceptions.OutOfMemoryError, "OOM"),
+)
+# redis-py prefixes an error inside a pipeline with the command that caused it; greedy, so
+# that the text after the last prefix (Redis's own) is what is read.
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*\) of pipeline caused error: ", re.DOTALL)
+# Redis 6.2 wraps an error raised by a command inside a script, losing its class in redis-py:
+# "Error running script (call to f_<sha>): @user_script:1: @user_script: 1: -READONLY You can't ..."
+_SCRIPT_WRAPPED = re.compile(r"^Error running script .*?: -([A-Z]+)\b", re.DOTALL)
+
+
+def error_code(exc: BaseException) -> str:
+    """The Redis error code behind `exc` (READONLY, BUSY, OOM, ..., or AUTH for a refused
+    password), from redis-py's class or else the reply's first word; '' for none."""
+    for cls, code in _CLASS_CODES:
+        if isinstance(exc, cls):
+            return code
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return ""
+    text = _PIPELINE_PREFIX.sub("", str(exc), count=1)
+    wrapped = _SCRIPT_WRAPPED.match(text)
+    word = wrapped.group(1) if wrapped else text.split(" ", 1)[0]
+    return word if word.isalpha() and word.isupper() else ""
+
+
+@dataclass(frozen=True)
+class Trouble:
+    kind: Kind
+    code: str  # error_code(), '' when Redis did not answer
+
+
+def trouble(exc: BaseException) -> Trouble | None:
+    """What a Redis error means for the caller, or None for an error that is not Redis's state
+    (a bug, a bad command): the API answers UNAVAILABLE / RESOURCE_EXHAUSTED for these, loops retry."""
+    code = error_code(exc)
+    if code == "AUTH":
+        return Trouble(Kind.AUTH, code)
+    if code in RETRY_CODES:
+        return Trouble(Kind.RETRY, code)
+    if code == "OOM":
+        return Trouble(Kind.OUT_OF_MEMORY, code)
+    if isinstance(exc, REDIS_DOWN):
+        return Trouble(Kind.DOWN, "")
+    return None
 
 
 def queued(pipe: Any) -> int:

@@ -75,7 +75,7 @@ class TakeReply:
         """{now, wait_ms, then per job: local id, msg, ready_at, attempt, task} (see lua.TAKE)."""
         now_ms, wait_ms, *flat = reply
         jobs = [
-            TakenJob(local.decode(), msg, int(ready), int(attempt), task.decode())
+            TakenJob(local.decode(), msg, int(ready), int(attempt), task.decode(errors="replace"))
             for local, msg, ready, attempt, task in zip(*[iter(flat)] * 5, strict=True)
         ]
         return cls(int(now_ms), int(wait_ms), jobs)

@@ -20,7 +20,7 @@ move (a timed-out attempt that is retried counts as retried).
 The timings STREAM (`QueueKeys.timings`) holds one entry per finished attempt
 (`keys.TimingFields`): seq (1, 2, ... per queue: a gap before the oldest
 retained entry is what a reader missed), job (local id), task, outcome,
-attempt, wait, proc, start, finish (ms), worker, error (first 500 characters).
+attempt, wait, proc, start, finish (ms), worker, error (its first 500 bytes, cut at a UTF-8 character boundary).
 """
 
 from __future__ import annotations

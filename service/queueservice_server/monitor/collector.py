@@ -23,7 +23,7 @@ import redis.exceptions
 
 from queueservice_server.core.keys import QueueKeys
 from queueservice_server.core.keys import SnapshotFields as S
-from queueservice_server.core.redis import REDIS_DOWN
+from queueservice_server.core.redis import trouble
 from queueservice_server.monitor.figures import MINUTE_MS
 from queueservice_server.monitor.reader import Counts, Reader
 from queueservice_server.settings import Settings
@@ -47,12 +47,13 @@ class Collector:
             try:
                 await self.collect()
                 failing = False
-            except REDIS_DOWN as exc:
-                if not failing:
-                    log.warning("collector cannot reach Redis; will retry", extra={"error": str(exc)})
-                failing = True
-            except Exception:
-                log.exception("collector round failed")
+            except Exception as exc:
+                # Unreachable, or answering "not now" (READONLY, BUSY, ...): said once, retried.
+                if trouble(exc) is None:
+                    log.exception("collector round failed")
+                elif not failing:
+                    log.warning("collector cannot use Redis; will retry", extra={"error": str(exc)})
+                    failing = True
             await asyncio.sleep(self.settings.metrics_interval)
 
     async def collect(self) -> list[str]:
@@ -106,7 +107,7 @@ class Collector:
                 for field, amount in fields.items():
                     # Maxima do not add up; everything else (counts, sums, histogram buckets) does.
                     if not field.endswith(b"_max"):
-                        totals[field.decode()] += int(amount)
+                        totals[field.decode(errors="replace")] += int(amount)
             pipe.multi()  # type: ignore[no-untyped-call]
             for name, total in totals.items():
                 pipe.hincrby(keys.histograms, name, total)

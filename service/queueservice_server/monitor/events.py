@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,9 @@ from queueservice_server.settings import QUEUE_NAME_RE
 
 MAX_CURSOR_CHARS = 4096
 _MAX_SEQ = 2**64 - 1
+# A stream id is two unsigned 64-bit numbers; a timings seq is a Redis counter (signed 64-bit).
+_MAX_COUNTER = 2**63 - 1
+_CURSOR_PART = re.compile(r"([0-9]+)-([0-9]+)/([0-9]+)")
 
 StreamId = tuple[int, int]
 
@@ -117,18 +121,21 @@ def decode_cursor(text: str, queues: Sequence[str]) -> dict[str, Position]:
     if len(text) > MAX_CURSOR_CHARS:
         raise CursorError(f"longer than {MAX_CURSOR_CHARS} characters")
     positions: dict[str, Position] = {}
-    for part in text.split("|"):
+    # Parts are named by number, never echoed: a long one would not fit in an error's metadata.
+    for number, part in enumerate(text.split("|"), 1):
         queue, _, rest = part.partition("/")
-        stream_id, _, seq = rest.partition("/")
         if not QUEUE_NAME_RE.match(queue):
-            raise CursorError(f"{part!r} is not `queue/id/seq`")
+            raise CursorError(f"part {number} is not `queue/id/seq`")
         if queue not in queues:
             raise CursorError(f"it names queue {queue!r}, which is not configured")
-        try:
-            position = Position(parse_id(stream_id), int(seq))
-        except ValueError:
-            raise CursorError(f"{part!r} is not `queue/id/seq`") from None
-        if min(*position.id, position.seq) < 0:
-            raise CursorError(f"{part!r} has a negative number")
-        positions[queue] = position
+        # Digits only: int() alone would take signs, spaces and underscores.
+        digits = _CURSOR_PART.fullmatch(rest)
+        if digits is None:
+            raise CursorError(
+                f"part {number} ({queue}) is not `queue/id/seq` (a stream id `ms-n` and a seq, unsigned numbers)"
+            )
+        ms, n, seq = (int(value) for value in digits.groups())
+        if max(ms, n) > _MAX_SEQ or seq > _MAX_COUNTER:
+            raise CursorError(f"part {number} ({queue}) has a number past 64 bits, which no stream id or seq reaches")
+        positions[queue] = Position((ms, n), seq)
     return positions

@@ -118,7 +118,7 @@ def _int(value: Any) -> int:
 
 def _decode_worker(worker_id: str, heartbeat_ms: int, fields: dict[bytes, bytes]) -> WorkerEntry:
     def text(name: str) -> str:
-        return fields.get(name.encode(), b"").decode()
+        return fields.get(name.encode(), b"").decode(errors="replace")
 
     return WorkerEntry(
         id=worker_id,
@@ -187,7 +187,7 @@ class Reader:
         now_ms = time_ms(first[clock])
         registry: list[tuple[bytes, float]] = first[registry_at]
         dead_before = now_ms - int(self.settings.stall_interval * 1000)
-        live = [(member.decode(), int(score)) for member, score in registry if score >= dead_before]
+        live = [(member.decode(errors="replace"), int(score)) for member, score in registry if score >= dead_before]
         minutes = window_minutes(now_ms, window_s)
         since_ms = now_ms - int(window_s * 1000)
 
@@ -252,9 +252,11 @@ class Reader:
             for _, fields in entries:
                 sample += 1
                 if fields.get(_OUTCOME) in _FAILURES:
-                    task = fields.get(T.TASK.encode(), b"").decode()
+                    # Stored text is read tolerantly: an entry cut mid-character (by an older
+                    # version) or written by hand must not break every report.
+                    task = fields.get(T.TASK.encode(), b"").decode(errors="replace")
                     counts[task] += 1
-                    errors.setdefault(task, fields.get(T.ERROR.encode(), b"").decode())
+                    errors.setdefault(task, fields.get(T.ERROR.encode(), b"").decode(errors="replace"))
         return [Failing(task, count, sample, errors[task]) for task, count in counts.most_common()]
 
     async def redis_facts(self) -> RedisFacts:

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis.asyncio
+import redis.exceptions
 
 from queueservice_server.core.cancellation import stop_task
 from queueservice_server.core.keys import QueueKeys
-from queueservice_server.core.redis import REDIS_DOWN
+from queueservice_server.core.redis import trouble
 from queueservice_server.monitor.events import (
     ORIGIN,
     Event,
@@ -142,6 +143,18 @@ class TimingsHub:
         raw_id, fields = entries[0]
         return parse_event(queue, raw_id, fields).position
 
+    async def ahead(self, cursor: Mapping[str, Position]) -> list[tuple[str, Position, Position]]:
+        """(queue, cursor position, newest entry) for each queue where `cursor` is past the newest
+        entry of the queue's stream in Redis: no entry would reach such a subscriber until the
+        stream caught up with it, so it would hear nothing. The newest entry only moves on, so
+        a cursor that passes this check stays good."""
+        found = []
+        for queue, given in sorted(cursor.items()):
+            end = await self.end_position(queue)
+            if given.id > end.id:
+                found.append((queue, given, end))
+        return found
+
     async def _range(self, queue: str, after: Position) -> AsyncGenerator[Event, None]:
         """Every entry after `after`, to the end of the stream as it is when the last page is read."""
         start = after
@@ -231,7 +244,10 @@ class TimingsHub:
                     list[tuple[bytes, Entries]],
                     await self.client.xread({key: id_text(last.id)}, count=page, block=BLOCK_MS),
                 )
-            except REDIS_DOWN as exc:
+            except redis.exceptions.RedisError as exc:
+                # Unreachable, or answering "not now" (BUSY, LOADING, ...): the reader waits it out.
+                if trouble(exc) is None:
+                    raise
                 if not failing:
                     log.warning("timings reader lost Redis; retrying", extra={"queue": queue, "error": str(exc)})
                 failing = True

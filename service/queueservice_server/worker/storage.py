@@ -47,7 +47,9 @@ BATCH_WINDOW = 0.005
 
 def format_error(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    # Cut by characters (never inside one); a lone surrogate, which UTF-8 cannot encode, becomes "?".
+    text = text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+    return text.encode("utf-8", "replace").decode()
 
 
 @dataclass
