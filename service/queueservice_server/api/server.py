@@ -23,11 +23,16 @@ from queueservice_server.api.wrappers import add_service, tolerant_decoding
 from queueservice_server.core.cancellation import stop_task
 from queueservice_server.core.producer import Producer
 from queueservice_server.core.redis import async_client
+from queueservice_server.embedded import bind_problem
 from queueservice_server.monitor.runner import Monitoring
 from queueservice_server.settings import Settings
 from queueservice_server.tasks import load_tasks
 
 log = logging.getLogger(__name__)
+
+
+class BindError(RuntimeError):
+    """The gRPC address cannot be bound: in use, not a local address, or not host:port."""
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -42,6 +47,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Recycle connections so clients rebalance across replicas.
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
+        # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would share it
+        # (each taking half the connections) instead of failing.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -81,7 +89,7 @@ class App:
 
 def create_server(settings: Settings, redis_url: str, address: str | None = None) -> App:
     """Builds (does not start) the server on `address` (default: settings), returning it with its bound port."""
-    tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
+    tasks = load_tasks(settings.task_modules, diag=settings.diag_enabled)
     client = async_client(settings, redis_url)
     monitoring = Monitoring(settings, client)
     server = grpc.aio.server(options=server_options(settings))
@@ -101,9 +109,14 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     reflection.enable_server_reflection(
         [*filter(None, SERVICE_NAMES), reflection.SERVICE_NAME, "grpc.health.v1.Health"], server
     )
-    port = server.add_insecure_port(address or settings.grpc_address)
+    target = address or settings.grpc_address
+    try:
+        port = server.add_insecure_port(target)
+    except RuntimeError:  # grpcio raises; older ones returned 0
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_address}")
+        named = "QUEUE_GRPC_ADDRESS=" if address is None else "gRPC address "
+        raise BindError(f"{named}{target}: cannot bind: {bind_problem(target) or 'not a local host:port'}")
     return App(server=server, port=port, redis=client, health=health, monitoring=monitoring)
 
 
