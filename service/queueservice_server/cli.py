@@ -38,7 +38,9 @@ _REFUSED = (BindError, DataDirError, EmbeddedRedisError)
 
 def _start_workers(redis_url: str) -> subprocess.Popen[bytes]:
     """Workers run as their own process, started before any gRPC object exists."""
-    env = {**os.environ, "QUEUE_REDIS_URL": redis_url}
+    # Without the variables that are no setting: `serve` has warned about them already.
+    unknown = unknown_variables()
+    env = {**{k: v for k, v in os.environ.items() if k not in unknown}, "QUEUE_REDIS_URL": redis_url}
     return subprocess.Popen([sys.executable, "-m", "queueservice_server", "worker"], env=env)
 
 
