@@ -31,6 +31,10 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
+# The embedded Redis without in-process workers: these tests are about what `serve` holds.
+NO_WORKERS = {"QUEUE_SERVE_WORKERS": "false"}
+
+
 def assert_keeps_answering(address: str) -> None:
     """Enqueue once, then GetJob ten times on fresh connections: every one finds the job."""
     job_id = stub_for(address).Enqueue(request("diag.noop"), timeout=10).job_id
@@ -41,13 +45,17 @@ def assert_keeps_answering(address: str) -> None:
             assert stub.GetJob(queue_service_pb2.GetJobRequest(job_id=job_id), timeout=10).job.id == job_id
 
 
+def state(stub: queue_service_pb2_grpc.QueueServiceStub, job_id: str) -> int:
+    return stub.GetJob(queue_service_pb2.GetJobRequest(job_id=job_id), timeout=10).job.state
+
+
 def test_a_second_serve_on_an_address_in_use_fails_and_the_first_keeps_answering(
     serve_factory: ServeFactory, tmp_path: Path
 ) -> None:
-    first = serve_factory()
+    first = serve_factory(NO_WORKERS)
     assert first.banner, first.stderr_text()
 
-    second = serve_factory(data_dir=tmp_path / "other-data", port=int(first.address.rpartition(":")[2]))
+    second = serve_factory(NO_WORKERS, data_dir=tmp_path / "other-data", port=int(first.address.rpartition(":")[2]))
     assert second.process.wait(30) == 1
     line = one_line(second.stderr_text())
     assert "QUEUE_GRPC_ADDRESS" in line and first.address in line and "in use" in line
@@ -59,10 +67,10 @@ def test_a_second_serve_on_an_address_in_use_fails_and_the_first_keeps_answering
 def test_a_second_serve_on_a_data_dir_in_use_fails_and_the_first_keeps_answering(
     serve_factory: ServeFactory, tmp_path: Path
 ) -> None:
-    first = serve_factory()
+    first = serve_factory(NO_WORKERS)
     assert first.banner, first.stderr_text()
 
-    second = serve_factory()  # the same tmp_path/data, another port
+    second = serve_factory(NO_WORKERS)  # the same tmp_path/data, another port
     assert second.process.wait(30) == 1
     line = one_line(second.stderr_text())
     assert "QUEUE_DATA_DIR" in line and str((tmp_path / "data").resolve()) in line
@@ -70,7 +78,7 @@ def test_a_second_serve_on_a_data_dir_in_use_fails_and_the_first_keeps_answering
     assert_keeps_answering(first.address)
     # The lock lives as long as `serve`: once the first has stopped, a new one starts on the same data.
     assert first.stop() == 0
-    third = serve_factory()
+    third = serve_factory(NO_WORKERS)
     assert third.banner, third.stderr_text()
     assert third.stop() == 0
 
@@ -159,7 +167,8 @@ def test_an_unreachable_redis_at_start_is_said_once_by_a_worker(
 ) -> None:
     nothing_there = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", worker_concurrency=1, shutdown_grace=5)
     worker = worker_factory(nothing_there)
-    wait_for(lambda: "QUEUE_REDIS_URL" in worker.log_text(), 30, what="the worker's start-up line")
+    # Its consumer loop is running (and handles SIGTERM) once the supervisor has met the outage too.
+    wait_for(lambda: "supervisor retries" in worker.log_text(), 30, what="the worker's consumer loop")
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
     output = worker.log_text()
@@ -172,7 +181,10 @@ def test_a_misspelled_variable_is_warned_about_once_with_the_closest_setting(ser
     # Embedded Redis, so `serve` starts its in-process `worker` too: that one must not warn again.
     server = serve_factory({"QUEUE_WORKER_CONCURENCY": "1"})
     assert server.banner, server.stderr_text()
-    wait_for(lambda: "worker starting" in server.stderr_text(), 30, what="the in-process workers")
+    # A job done means the in-process workers run (and have had their chance to warn).
+    stub = stub_for(server.address)
+    job_id = stub.Enqueue(request("diag.noop"), timeout=10).job_id
+    wait_for(lambda: state(stub, job_id) == job_pb2.JOB_STATE_COMPLETED, 30, what="diag.noop COMPLETED")
     assert server.stop() == 0
     warned = [line for line in server.stderr_text().splitlines() if "QUEUE_WORKER_CONCURENCY" in line]
     assert len(warned) == 1, server.stderr_text()
@@ -220,12 +232,7 @@ def test_a_redis_password_never_reaches_stdout_or_stderr(
         assert f"Redis redis://:***@127.0.0.1:{redis_server.port}/0" in server.banner
         stub = stub_for(server.address)
         job_id = stub.Enqueue(request("diag.noop"), timeout=10).job_id
-
-        def completed() -> bool:
-            job = stub.GetJob(queue_service_pb2.GetJobRequest(job_id=job_id), timeout=10).job
-            return job.state == job_pb2.JOB_STATE_COMPLETED
-
-        wait_for(completed, 30, what="diag.noop COMPLETED on the password-protected Redis")
+        wait_for(lambda: state(stub, job_id) == job_pb2.JOB_STATE_COMPLETED, 30, what="diag.noop COMPLETED")
         assert server.stop() == 0
     assert server.process.stdout is not None
     output = server.banner + server.process.stdout.read().decode() + server.stderr_text()
