@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ import grpc
 import pytest
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
-from queueservice_server.embedded import RedisServer, redis_server_binary
+from queueservice_server.embedded import RedisServer, free_port, redis_server_binary
 from queueservice_server.settings import Settings
-from tests.support import ServerThread, WorkerProcess
+from tests.support import Serve, ServerThread, WorkerProcess
 
 
 def _redis7_binary() -> str:
@@ -143,6 +144,25 @@ def worker_factory(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture
+def serve_factory(tmp_path: Path) -> Iterator[Callable[..., Serve]]:
+    """`queue-service serve` processes (data in tmp_path/data unless told, a free port unless
+    told, stderr in tmp_path/serve-N.log); any still running at the end get SIGTERM, so each
+    stops its workers and embedded Redis."""
+    started: list[Serve] = []
+
+    def start(env: Mapping[str, str] | None = None, *, data_dir: Path | None = None, port: int = 0) -> Serve:
+        log = tmp_path / f"serve-{len(started)}.log"
+        server = Serve(data_dir or tmp_path / "data", port or free_port(), log, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        if server.process.poll() is None:
+            server.stop(signal.SIGTERM)
 
 
 def _descendants(pid: int) -> list[str]:

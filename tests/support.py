@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,10 +48,65 @@ def enqueue_counted(
     return [result.job_id for result in response.results]
 
 
-def process_env(settings: Settings) -> dict[str, str]:
+def cli_env(queue: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a `queue-service` process: ours without any QUEUE_* variable, the
+    source roots (and the repository, for task modules under tests/) on PYTHONPATH, then `queue`."""
     paths = [str(ROOT / "client"), str(ROOT / "service"), str(ROOT)]
     base = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
-    return {**base, **settings.to_env(), "PYTHONPATH": os.pathsep.join(paths)}
+    return {**base, "PYTHONPATH": os.pathsep.join(paths), **queue}
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    return cli_env(settings.to_env())
+
+
+def run_cli(command: str, queue: Mapping[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m queueservice_server <command>` to its end, with only `queue`'s QUEUE_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "queueservice_server", command],
+        env=cli_env(queue),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Serve:
+    """`queue-service serve` as an operator starts it, in its own session: QUEUE_* from `env` only
+    (embedded Redis unless it names QUEUE_REDIS_URL). `banner` is its first stdout line ('' when it
+    exited instead), stderr goes to `log`."""
+
+    def __init__(self, data_dir: Path, port: int, log: Path, env: Mapping[str, str] | None = None) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self.log = log
+        queue = {
+            "QUEUE_DATA_DIR": str(data_dir),
+            "QUEUE_GRPC_ADDRESS": self.address,
+            "QUEUE_POLL_INTERVAL": "0.02",
+            **(env or {}),
+        }
+        with open(log, "ab") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "queueservice_server", "serve"],
+                env=cli_env(queue),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        assert self.process.stdout is not None
+        self.banner = self.process.stdout.readline().decode()
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    def stderr_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
 
 class ServerThread:

@@ -6,6 +6,8 @@ throwaway servers on free loopback ports (and to kill and restart them).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -14,8 +16,19 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import redis
+
+LOCK_FILE = "queue-service.lock"
+
+
+class DataDirError(RuntimeError):
+    """QUEUE_DATA_DIR cannot be used: another `serve` holds it, or it cannot be created or written."""
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded redis-server did not start."""
 
 
 def redis_server_binary() -> str:
@@ -38,19 +51,98 @@ def free_port() -> int:
         return port
 
 
+def bind_problem(address: str) -> str:
+    """Why a listening socket cannot bind `address` (host:port), in words, or '' when it can.
+    A plain socket's attempt, so a start-up check can name the cause before anything has started;
+    '' too for unix: addresses, which the real bind then judges."""
+    if address.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return ""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return "not host:port"
+    host = host.strip("[]")
+    try:
+        candidates = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, OverflowError) as exc:
+        return f"cannot resolve {host!r}: {exc}"
+    problems: list[str] = []
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as sock:
+            # As gRPC and http.server bind: SO_REUSEADDR passes TIME_WAIT but not a listener.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return "in use (another process listens there)"
+                problems.append(exc.strerror or str(exc))
+    # A name that resolves to several addresses binds when one of them does.
+    return problems[0] if problems and len(problems) == len(candidates) else ""
+
+
+class DataDirLock:
+    """An exclusive flock on QUEUE_DATA_DIR, held while `serve` runs, so that two embedded Redis
+    servers never write one AOF. The kernel drops it when the process dies, however it dies."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        where = self.data_dir.resolve()
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise DataDirError(f"QUEUE_DATA_DIR={where}: not a directory")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(self.data_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held until release())
+        except OSError as exc:
+            raise DataDirError(f"QUEUE_DATA_DIR={where}: cannot use it: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise DataDirError(
+                f"QUEUE_DATA_DIR={where}: another queue-service holds it"
+                + (f" (pid {holder})" if holder else "")
+                + "; stop it or set another QUEUE_DATA_DIR"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._file = lock
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> DataDirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class RedisServer:
     """One redis-server child process on 127.0.0.1, persisting with AOF into `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int = 0, *, appendonly: bool = True, binary: str = "") -> None:
+    def __init__(
+        self, data_dir: Path, port: int = 0, *, appendonly: bool = True, binary: str = "", password: str = ""
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.binary = binary or redis_server_binary()
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -68,22 +160,26 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str((self.data_dir / "redis.log").resolve()),
         ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password or None, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(
+                    raise EmbeddedRedisError(
                         f"redis-server exited with {self.process.returncode}; see {self.data_dir}/redis.log"
                     )
                 try:
                     # Loading an AOF answers LOADING errors until done.
                     if client.ping():
                         return
-                except (redis.ConnectionError, redis.ResponseError):
+                except (redis.ConnectionError, redis.ResponseError) as exc:
                     if time.monotonic() > deadline:
-                        raise
+                        raise EmbeddedRedisError(
+                            f"redis-server did not answer within {timeout} s ({exc}); see {self.data_dir}/redis.log"
+                        ) from exc
                 time.sleep(0.02)
         finally:
             client.close()

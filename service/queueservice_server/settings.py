@@ -5,6 +5,7 @@ Every variable is listed, with its default, in the README's settings table.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -39,7 +40,8 @@ class Settings:
     grpc_address: str = "127.0.0.1:50051"
     data_dir: Path = Path(".queue-data")
     task_modules: tuple[str, ...] = ()
-    diag_tasks: bool = True
+    # None means: on in dev, off in prod (diag.fail and diag.sleep are not for production traffic).
+    diag_tasks: bool | None = None
     queues: tuple[str, ...] = ("default",)
     # None means: 3 in dev, 10 in prod.
     worker_concurrency: int | None = None
@@ -110,6 +112,12 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return self.env == "prod" if self.auth is None else self.auth
+
+    @property
+    def diag_enabled(self) -> bool:
+        if self.diag_tasks is not None:
+            return self.diag_tasks
+        return self.env != "prod"
 
     @property
     def embedded_redis(self) -> bool:
@@ -206,6 +214,20 @@ class Settings:
             )
 
 
+def unknown_variables(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """`QUEUE_*` variables that are no setting (a typo is silently ignored otherwise), each with the
+    closest setting's variable or None. Known names come from the dataclass, so new fields count."""
+    env = os.environ if environ is None else environ
+    known = {f.name.upper() for f in fields(Settings)}
+    unknown: dict[str, str | None] = {}
+    for name in sorted(env):
+        if not name.startswith("QUEUE_") or name in _RENAMED or name[len("QUEUE_") :] in known:
+            continue
+        close = difflib.get_close_matches(name[len("QUEUE_") :], known, n=1)
+        unknown[name] = f"QUEUE_{close[0]}" if close else None
+    return unknown
+
+
 def _optional_int(value: str) -> int | None:
     return int(value) if value.strip() else None
 
@@ -223,7 +245,7 @@ _PARSERS: dict[str, Any] = {
     "grpc_address": str.strip,
     "data_dir": Path,
     "task_modules": _csv,
-    "diag_tasks": _bool,
+    "diag_tasks": _optional_bool,
     "queues": _csv,
     "worker_concurrency": _optional_int,
     "serve_workers": _optional_bool,

@@ -14,13 +14,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from queueservice_server.settings import Settings
+from queueservice_server.settings import Settings, SettingsError
 
 TASK_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 DIAG_MODULE = "queueservice_server.diag"
 
 TaskFunc = Callable[[dict[str, Any]], Any]
 F = TypeVar("F", bound=TaskFunc)
+
+
+class TaskModuleError(SettingsError):
+    """A module named in QUEUE_TASK_MODULES cannot be imported, or registers a name twice."""
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,26 @@ def load_tasks(modules: Iterable[str], *, diag: bool = True) -> dict[str, TaskDe
     names = [DIAG_MODULE, *modules] if diag else list(modules)
     found: dict[str, TaskDef] = {}
     for module_name in names:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
         for value in vars(module).values():
             definition = getattr(value, _ATTR, None)
             if not isinstance(definition, TaskDef):
                 continue
             other = found.get(definition.name)
             if other is not None and other.func is not definition.func:
-                raise ValueError(f"task name {definition.name!r} is registered twice ({module_name})")
+                raise TaskModuleError(
+                    f"QUEUE_TASK_MODULES: task name {definition.name!r} is registered twice ({module_name})"
+                )
             found[definition.name] = definition
     return found
+
+
+def _import(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        # One line for the operator: the module, and what importing it raised (its first line).
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TaskModuleError(
+            f"QUEUE_TASK_MODULES: cannot import {module_name!r}: {type(exc).__name__}: {first}"
+        ) from exc

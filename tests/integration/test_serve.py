@@ -3,11 +3,8 @@ reflection, health, graceful stop, and jobs that survive a restart."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,50 +13,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from queueservice.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
-from queueservice_server.embedded import free_port
-from tests.support import ROOT, wait_for
-
-
-class Serve:
-    def __init__(self, data_dir: Path, port: int, log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
-        env.update(
-            QUEUE_DATA_DIR=str(data_dir),
-            QUEUE_GRPC_ADDRESS=f"127.0.0.1:{port}",
-            QUEUE_POLL_INTERVAL="0.02",
-            PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT / "service")]),
-        )
-        self.address = f"127.0.0.1:{port}"
-        self.log = log
-        with open(log, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "queueservice_server", "serve"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        assert self.process.stdout is not None
-        self.banner = self.process.stdout.readline().decode()
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
+from tests.support import Serve, run_cli, wait_for
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    server = Serve(tmp_path / "data", free_port(), tmp_path / "serve.log")
-    yield server
-    if server.process.poll() is None:
-        server.stop(signal.SIGKILL)
+def serve(serve_factory: Callable[..., Serve]) -> Serve:
+    return serve_factory()
 
 
-def test_serve_on_embedded_redis_end_to_end(serve: Serve, tmp_path: Path) -> None:
+def test_serve_on_embedded_redis_end_to_end(serve: Serve, serve_factory: Callable[..., Serve], tmp_path: Path) -> None:
     assert f"gRPC on {serve.address}" in serve.banner, serve.log.read_text()
     assert "embedded Redis at redis://127.0.0.1:" in serve.banner
     with grpc.insecure_channel(serve.address) as channel:
@@ -89,7 +51,7 @@ def test_serve_on_embedded_redis_end_to_end(serve: Serve, tmp_path: Path) -> Non
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
 
     # The embedded Redis persisted the jobs: a new `serve` on the same data dir still knows them.
-    again = Serve(tmp_path / "data", free_port(), tmp_path / "serve2.log")
+    again = serve_factory()
     try:
         with grpc.insecure_channel(again.address) as channel:
             stub = queue_service_pb2_grpc.QueueServiceStub(channel)
@@ -104,14 +66,6 @@ def test_serve_on_embedded_redis_end_to_end(serve: Serve, tmp_path: Path) -> Non
     [("worker", {}, "QUEUE_REDIS_URL"), ("serve", {"QUEUE_ENV": "staging"}, "QUEUE_ENV")],
 )
 def test_cli_refuses_bad_configuration_naming_the_variable(command: str, env: dict[str, str], named: str) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("QUEUE_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "queueservice_server", command],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli(command, env)
     assert result.returncode == 2
     assert named in result.stderr

@@ -7,7 +7,7 @@ import logging
 import pytest
 import redis
 
-from queueservice_server.core.redis import client_options, sync_client
+from queueservice_server.core.redis import client_options, redacted_url, sync_client
 from queueservice_server.embedded import free_port
 from queueservice_server.settings import Settings
 
@@ -45,3 +45,21 @@ def test_a_broken_connection_is_retried_once_and_timeouts_never() -> None:
     retry = client.connection_pool.connection_kwargs["retry"]
     assert retry.get_retries() == 1
     assert retry._supported_errors == (redis.ConnectionError,)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://app:hunter2@cache:6380/1", "rediss://app:***@cache:6380/1"),
+        ("redis://:p%40ss%3Aw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://a:b@c@cache:6379/0", "redis://a:***@cache:6379/0"),
+        ("unix://:hunter2@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
+        ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock?db=2&password=***"),
+        ("redis://app@cache:6379/0", "redis://app@cache:6379/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:hunter2@[::1:6379/0", "<unparsable Redis URL>"),
+    ],
+)
+def test_redacted_url_hides_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown

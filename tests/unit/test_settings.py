@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from queueservice_server.settings import Settings, SettingsError
+from queueservice_server.settings import Settings, SettingsError, unknown_variables
 
 
 def test_defaults_match_the_design() -> None:
@@ -70,3 +70,37 @@ def test_bad_values_name_the_variable(name: str, value: str) -> None:
 def test_settings_round_trip_through_the_environment() -> None:
     settings = Settings(redis_url="redis://127.0.0.1:1/0", queues=("a", "b"), worker_concurrency=2, serve_workers=True)
     assert Settings.from_env(settings.to_env()) == settings
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, True),
+        ({"QUEUE_ENV": "prod"}, False),
+        ({"QUEUE_ENV": "prod", "QUEUE_DIAG_TASKS": "true"}, True),
+        ({"QUEUE_DIAG_TASKS": "false"}, False),
+        ({"QUEUE_ENV": "prod", "QUEUE_DIAG_TASKS": ""}, False),
+    ],
+)
+def test_diag_tasks_are_on_in_dev_and_off_in_prod_unless_set(environ: dict[str, str], on: bool) -> None:
+    settings = Settings.from_env(environ)
+    assert settings.diag_enabled is on
+    assert Settings.from_env(settings.to_env()).diag_enabled is on
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    found = unknown_variables(
+        {"QUEUE_WORKER_CONCURENCY": "4", "QUEUE_REDIS_ULR": "x", "QUEUE_ZZZ": "1", "QUEUE_ENV": "dev", "PATH": "/bin"}
+    )
+    assert found == {
+        "QUEUE_REDIS_ULR": "QUEUE_REDIS_URL",
+        "QUEUE_WORKER_CONCURENCY": "QUEUE_WORKER_CONCURRENCY",
+        "QUEUE_ZZZ": None,
+    }
+
+
+def test_every_setting_is_a_known_variable() -> None:
+    """What the suite hands its processes (every field, from to_env) never warns; a renamed
+    variable stops the process with its own message instead."""
+    assert unknown_variables(Settings().to_env()) == {}
+    assert unknown_variables({"QUEUE_RETRY_BACKOFF_BASE": "2"}) == {}

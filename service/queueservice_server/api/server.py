@@ -26,11 +26,16 @@ from queueservice_server.api.wrappers import MethodWrapper, add_service, toleran
 from queueservice_server.core.cancellation import stop_task
 from queueservice_server.core.producer import Producer
 from queueservice_server.core.redis import async_client
+from queueservice_server.embedded import bind_problem
 from queueservice_server.monitor.runner import Monitoring
 from queueservice_server.settings import Settings, SettingsError
 from queueservice_server.tasks import load_tasks
 
 log = logging.getLogger(__name__)
+
+
+class BindError(RuntimeError):
+    """The gRPC address cannot be bound: in use, not a local address, or not host:port."""
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -45,6 +50,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Recycle connections so clients rebalance across replicas.
         ("grpc.max_connection_age_ms", 30 * 60_000),
         ("grpc.max_connection_age_grace_ms", 60_000),
+        # gRPC sets SO_REUSEPORT by default, so a second server on a port in use would share it
+        # (each taking half the connections) instead of failing.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -124,7 +132,7 @@ def _add_open_services(
 
 def create_server(settings: Settings, redis_url: str, address: str | None = None) -> App:
     """Builds (does not start) the server on `address` (default: settings), returning it with its bound port."""
-    tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
+    tasks = load_tasks(settings.task_modules, diag=settings.diag_enabled)
     auth = _authenticator(settings)
     tls = server_credentials(settings)
     client = async_client(settings, redis_url)
@@ -148,10 +156,14 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     )
     health = RedisHealth(client)
     _add_open_services(server, settings, health, auth)
-    bind = address or settings.grpc_address
-    port = server.add_insecure_port(bind) if tls is None else server.add_secure_port(bind, tls[0])
+    target = address or settings.grpc_address
+    try:
+        port = server.add_insecure_port(target) if tls is None else server.add_secure_port(target, tls[0])
+    except RuntimeError:  # grpcio raises; older ones returned 0
+        port = 0
     if port == 0:
-        raise RuntimeError(f"cannot bind gRPC address {bind}")
+        named = "QUEUE_GRPC_ADDRESS=" if address is None else "gRPC address "
+        raise BindError(f"{named}{target}: cannot bind: {bind_problem(target) or 'not a local host:port'}")
     return App(
         server=server, port=port, redis=client, health=health, monitoring=monitoring, settings=settings, auth=auth
     )

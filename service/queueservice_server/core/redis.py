@@ -25,6 +25,7 @@ import re
 import socket
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 import redis.asyncio
@@ -117,6 +118,26 @@ def time_ms(reply: tuple[Any, Any]) -> int:
     """A Redis `TIME` reply (seconds, microseconds) in milliseconds: the one clock every host shares."""
     seconds, micros = reply
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def redacted_url(url: str) -> str:
+    """`url` fit for a log or a terminal: the password (in the user part or a `password=` query
+    parameter) replaced by `***`. Every Redis URL that is printed or logged goes through this."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, host = netloc.rpartition("@")
+            netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
+        # Not urlunsplit: it turns unix:///path into unix:/path.
+        return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    except ValueError:
+        # Unparsable: show nothing of it rather than risk showing a secret.
+        return "<unparsable Redis URL>"
 
 
 def _keepalive_options(seconds: int) -> dict[int, int]:

@@ -269,7 +269,7 @@ class QueueConsumer(Consumer):  # type: ignore[misc]
 
 
 def run_worker(settings: Settings, redis_url: str) -> None:
-    tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
+    tasks = load_tasks(settings.task_modules, diag=settings.diag_enabled)
     huey = QueueHuey(settings, redis_url, tasks)
     log.info(
         "worker starting",
