@@ -195,7 +195,11 @@ def test_a_misspelled_variable_is_warned_about_once_with_the_closest_setting(ser
 
 @pytest.mark.parametrize(
     ("env", "diag"),
-    [({"QUEUE_ENV": "prod"}, False), ({"QUEUE_ENV": "prod", "QUEUE_DIAG_TASKS": "true"}, True), ({}, True)],
+    [
+        ({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false"}, False),
+        ({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false", "QUEUE_DIAG_TASKS": "true"}, True),
+        ({}, True),
+    ],
     ids=["prod-default-off", "prod-explicit-on", "dev-default-on"],
 )
 def test_diag_tasks_are_off_by_default_in_prod(

@@ -72,14 +72,26 @@ def test_settings_round_trip_through_the_environment() -> None:
     assert Settings.from_env(settings.to_env()) == settings
 
 
+def test_auth_is_on_in_prod_and_off_in_dev_unless_set() -> None:
+    assert not Settings.from_env({}).auth_enabled
+    assert Settings.from_env({"QUEUE_ENV": "prod", "QUEUE_AUTH_FILE": "/etc/queue/auth"}).auth_enabled
+    assert Settings.from_env({"QUEUE_AUTH": "true", "QUEUE_AUTH_FILE": "auth"}).auth_enabled
+    with pytest.raises(SettingsError, match="QUEUE_AUTH_FILE is not set"):
+        Settings.from_env({"QUEUE_ENV": "prod"})
+    with pytest.raises(SettingsError, match="QUEUE_TLS_CERT and QUEUE_TLS_KEY go together"):
+        Settings.from_env({"QUEUE_TLS_CERT": "server.crt"})
+    with pytest.raises(SettingsError, match="QUEUE_TLS_CLIENT_CA"):
+        Settings.from_env({"QUEUE_TLS_CLIENT_CA": "ca.pem"})
+
+
 @pytest.mark.parametrize(
     ("environ", "on"),
     [
         ({}, True),
-        ({"QUEUE_ENV": "prod"}, False),
-        ({"QUEUE_ENV": "prod", "QUEUE_DIAG_TASKS": "true"}, True),
+        ({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false"}, False),
+        ({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false", "QUEUE_DIAG_TASKS": "true"}, True),
         ({"QUEUE_DIAG_TASKS": "false"}, False),
-        ({"QUEUE_ENV": "prod", "QUEUE_DIAG_TASKS": ""}, False),
+        ({"QUEUE_ENV": "prod", "QUEUE_AUTH": "false", "QUEUE_DIAG_TASKS": ""}, False),
     ],
 )
 def test_diag_tasks_are_on_in_dev_and_off_in_prod_unless_set(environ: dict[str, str], on: bool) -> None:
