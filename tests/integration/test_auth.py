@@ -296,3 +296,20 @@ def test_the_async_client_sends_its_token(
     for bad in ["", " padded ", "two\nlines"]:
         with pytest.raises(ValueError, match="token"):
             QueueClient(address, token=bad)
+
+
+def test_an_unparsable_body_is_invalid_argument_and_audited_with_auth_on(
+    auth_channel: grpc.Channel, tokens: Tokens, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="queueservice_server.audit")
+    for metadata in [tokens.metadata("producer"), ()]:
+        with pytest.raises(grpc.RpcError) as refused:
+            enqueue = auth_channel.unary_unary("/queueservice.v1.QueueService/Enqueue", None, None)
+            enqueue(b"\xff\xff\xff", metadata=metadata)
+        expected = grpc.StatusCode.INVALID_ARGUMENT if metadata else grpc.StatusCode.UNAUTHENTICATED
+        assert refused.value.code() == expected
+    lines = [vars(record) for record in caplog.records if record.name == "queueservice_server.audit"]
+    assert [(line["who"], line["code"]) for line in lines] == [
+        ("producer", "INVALID_ARGUMENT"),
+        ("-", "UNAUTHENTICATED"),
+    ]

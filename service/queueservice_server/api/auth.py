@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
 from queueservice_server.api.wrappers import MethodHandler
@@ -331,7 +332,7 @@ class Authenticator:
             return self.authorize(method, rule, context)
         except Denied as denied:
             if rule.audit is not None:
-                _audit(method, denied.who, denied.code, rule.audit(request, None))
+                _audit(method, denied.who, denied.code, _describe(rule.audit, request, None))
             await context.abort(denied.code, denied.message)
             raise AssertionError("abort returned") from None
 
@@ -344,11 +345,10 @@ class Authenticator:
                 try:
                     response = await behavior(request, context)
                 except BaseException:
-                    _audit(
-                        method, identity.name, context.code() or grpc.StatusCode.CANCELLED, rule.audit(request, None)
-                    )
+                    code = context.code() or grpc.StatusCode.CANCELLED
+                    _audit(method, identity.name, code, _describe(rule.audit, request, None))
                     raise
-                _audit(method, identity.name, grpc.StatusCode.OK, rule.audit(request, response))
+                _audit(method, identity.name, grpc.StatusCode.OK, _describe(rule.audit, request, response))
             if rule.redact is not None and not identity.sees_content:
                 rule.redact(response)
             return response
@@ -373,6 +373,11 @@ class Authenticator:
                 yield response
 
         return checked
+
+
+def _describe(audit: Auditor, request: Any, response: Any) -> dict[str, Any]:
+    # A body that did not parse reaches the wrappers as a MalformedRequest, with nothing to describe.
+    return audit(request, response) if isinstance(request, Message) else {"request": "unparsable"}
 
 
 def _audit(method: str, who: str, code: grpc.StatusCode, details: dict[str, Any]) -> None:
