@@ -84,7 +84,9 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     tasks = load_tasks(settings.task_modules, diag=settings.diag_tasks)
     client = async_client(settings, redis_url)
     monitoring = Monitoring(settings, client)
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(
+        options=server_options(settings), maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs
+    )
     producer, validator = Producer(settings, client), Validator(settings, tasks)
     wrappers = [tolerant_decoding, RpcMetrics(monitoring.metrics.registry).instrument]
     add_service(
