@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.api.errors import Context, invalid_argument, rpc, rpc_stream
+from queueservice_server.api.errors import Context, invalid_argument, resource_exhausted, rpc, rpc_stream
 from queueservice_server.api.monitor_convert import (
     OUTCOME_FILTERS,
     delivery_to_proto,
@@ -16,6 +16,7 @@ from queueservice_server.api.validation import Validator
 from queueservice_server.core.producer import Producer
 from queueservice_server.monitor.events import CursorError, Filter, decode_cursor
 from queueservice_server.monitor.runner import Monitoring
+from queueservice_server.monitor.streaming import TooManySubscribers
 
 MAX_RETRY_IDS = 10_000
 
@@ -78,8 +79,15 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         if violations:
             raise invalid_argument(violations)
         wanted = Filter(queues, request.task, OUTCOME_FILTERS.get(request.outcome))
-        async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
-            yield delivery_to_proto(delivery)
+        try:
+            async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
+                yield delivery_to_proto(delivery)
+        except TooManySubscribers as exc:
+            raise resource_exhausted(
+                "QUEUE_STREAM_MAX_SUBSCRIBERS",
+                f"this server already has {exc.limit} StreamTimings subscribers, its limit "
+                "(QUEUE_STREAM_MAX_SUBSCRIBERS); retry later, on another replica, or close idle streams",
+            ) from None
 
     @rpc
     async def RetryFailed(
