@@ -4,6 +4,7 @@ waiting jobs per queue (with several servers on one Redis)."""
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,7 @@ from queueservice_server.core.keys import QueueKeys
 from queueservice_server.core.keys import TimingFields as T
 from queueservice_server.monitor.events import Event
 from queueservice_server.settings import Settings
-from tests.support import request, stub_for, wait_for
+from tests.support import QueueStub, WorkerProcess, request, stub_for, wait_for
 
 StartServer = Callable[[Settings], str]
 # A StreamTimings call: an iterator of responses that can be cancelled (grpc-stubs types neither well).
@@ -179,3 +180,74 @@ def test_a_message_over_the_limit_is_refused_by_grpc(settings: Settings, server_
     assert big.ByteSize() > limit
     error = refused(lambda: stub.EnqueueBatch(big, timeout=30))
     assert error.details() == f"SERVER: Received message larger than max ({big.ByteSize()} vs. {limit})"
+
+
+# -- waiting jobs per queue -------------------------------------------------------
+
+
+def batch_of(*jobs: queue_service_pb2.EnqueueRequest) -> queue_service_pb2.EnqueueBatchRequest:
+    return queue_service_pb2.EnqueueBatchRequest(jobs=list(jobs))
+
+
+def waiting_and_delayed(settings: Settings, queue: str = "default") -> int:
+    client = redis.Redis.from_url(settings.redis_url)
+    keys = QueueKeys(settings.key_prefix, queue)
+    try:
+        return int(client.zcard(keys.waiting)) + int(client.zcard(keys.delayed))
+    finally:
+        client.close()
+
+
+def test_enqueue_past_max_waiting_is_refused_naming_the_queue(
+    settings: Settings, server_factory: StartServer, worker_factory: Callable[..., WorkerProcess]
+) -> None:
+    capped = replace(settings, max_waiting=3)
+    stub = stub_for(server_factory(capped))
+    stub.Enqueue(request("diag.noop"))
+    stub.Enqueue(request("diag.noop", idempotency_key="order-1"))
+    stub.Enqueue(request("diag.noop", delay={"seconds": 3600}))  # delayed jobs count too: 3 of 3
+
+    error = refused(lambda: stub.Enqueue(request("diag.noop")))
+    assert str(error.details()).startswith(
+        "queue 'default' has 3 waiting or delayed jobs and its limit is 3 (QUEUE_MAX_WAITING)"
+    )
+    assert quota_subjects(error) == ["queue:default"]
+    # A repeat of an existing job is answered, not refused.
+    again = stub.Enqueue(request("diag.noop", idempotency_key="order-1"))
+    assert again.deduplicated
+    # A batch spanning queues: the full queue's part is refused whole, the other queue's is written.
+    error = refused(lambda: stub.EnqueueBatch(batch_of(request("diag.noop"), request("diag.noop", queue="emails"))))
+    assert "its 1 new jobs were not enqueued" in str(error.details())
+    assert "this batch's jobs 1 for queue 'emails' were enqueued" in str(error.details())
+    assert (waiting_and_delayed(capped), waiting_and_delayed(capped, "emails")) == (3, 1)
+
+    # Jobs that leave waiting make room.
+    worker_factory(capped)
+    wait_for(lambda: waiting_and_delayed(capped) == 1, 30, what="the waiting jobs done")
+    response = stub.EnqueueBatch(batch_of(request("diag.noop"), request("diag.noop")))
+    assert len(response.results) == 2
+    refused(lambda: stub.Enqueue(request("diag.noop", delay={"seconds": 3600})))
+
+
+def test_max_waiting_holds_across_servers_on_one_redis(settings: Settings, server_factory: StartServer) -> None:
+    capped = replace(settings, max_waiting=25)
+    stubs = [stub_for(server_factory(capped)) for _ in range(2)]
+    outcomes: list[grpc.StatusCode] = []
+
+    def send(stub: QueueStub, jobs: int) -> None:
+        for _ in range(jobs):
+            try:
+                stub.EnqueueBatch(batch_of(request("diag.noop"), request("diag.noop")), timeout=30)
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+
+    threads = [threading.Thread(target=send, args=(stubs[n % 2], 10)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # 80 jobs in pairs against a cap of 25: exactly 12 pairs fit, the odd slot stays free.
+    assert outcomes.count(grpc.StatusCode.OK) == 12
+    assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 28
+    assert waiting_and_delayed(capped) == 24
