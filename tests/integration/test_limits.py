@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -251,3 +252,18 @@ def test_max_waiting_holds_across_servers_on_one_redis(settings: Settings, serve
     assert outcomes.count(grpc.StatusCode.OK) == 12
     assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 28
     assert waiting_and_delayed(capped) == 24
+
+
+# -- GetPerformance's cost ----------------------------------------------------------
+
+
+def test_get_performance_past_its_minute_budget_is_refused(settings: Settings, server_factory: StartServer) -> None:
+    # 2 queues x 121 minutes (a 2 h window) = 242 minute records; one queue's 121 fit.
+    budget = replace(settings, performance_max_minutes=200)
+    admin = admin_for(server_factory(budget))
+    two_hours = duration_pb2.Duration(seconds=7200)
+    admin.GetPerformance(pb.GetPerformanceRequest(window=duration_pb2.Duration(seconds=3600)), timeout=10)
+    admin.GetPerformance(pb.GetPerformanceRequest(queue="default", window=two_hours), timeout=10)
+    error = refused(lambda: admin.GetPerformance(pb.GetPerformanceRequest(window=two_hours), timeout=10))
+    assert "reads 242 minute records; the limit is 200 (QUEUE_PERFORMANCE_MAX_MINUTES)" in str(error.details())
+    assert quota_subjects(error) == ["QUEUE_PERFORMANCE_MAX_MINUTES"]

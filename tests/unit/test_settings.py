@@ -66,6 +66,7 @@ def test_prod_concurrency_and_overrides() -> None:
         ("QUEUE_STREAM_MAX_SUBSCRIBERS", "300"),
         ("QUEUE_STREAM_MAX_SUBSCRIBERS", "0"),
         ("QUEUE_MAX_WAITING", "-1"),
+        ("QUEUE_PERFORMANCE_MAX_MINUTES", "60"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

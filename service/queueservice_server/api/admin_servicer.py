@@ -17,6 +17,7 @@ from queueservice_server.core.producer import Producer
 from queueservice_server.monitor.events import CursorError, Filter, decode_cursor
 from queueservice_server.monitor.runner import Monitoring
 from queueservice_server.monitor.streaming import TooManySubscribers
+from queueservice_server.settings import window_minute_count
 
 MAX_RETRY_IDS = 10_000
 
@@ -52,6 +53,15 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         if not 60 <= window <= history:
             raise invalid_argument(
                 [("window", f"must be between 60 s and QUEUE_METRICS_HISTORY ({history:g} s), got {window:g} s")]
+            )
+        # Each queue's every minute is one hash read and decoded: bounded per call.
+        minutes = len(queues) * window_minute_count(max(window, self.settings.alert_window))
+        cap = self.settings.performance_max_minutes
+        if minutes > cap:
+            raise resource_exhausted(
+                "QUEUE_PERFORMANCE_MAX_MINUTES",
+                f"a {window:g} s window over {len(queues)} queues reads {minutes} minute records; the limit is {cap} "
+                f"(QUEUE_PERFORMANCE_MAX_MINUTES): name one queue or ask for a shorter window",
             )
         report = await self.monitoring.reports.performance(queues, window)
         return performance_to_proto(report)
