@@ -40,11 +40,12 @@ DEFAULT_TIMEOUT = 10.0
 ChannelOption = tuple[str, Any]
 
 #: Matched to the server's settings: its keepalive policy allows a ping every 10 s
-#: at most, and it may send messages up to 64 MiB.
+#: at most, and it sends messages up to its QUEUE_GRPC_MAX_MESSAGE_BYTES (8 MiB by
+#: default; grpc's own client default of 4 MiB would refuse a large GetJob answer).
 DEFAULT_CHANNEL_OPTIONS: tuple[ChannelOption, ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
 )
 
 Seconds = float | datetime.timedelta

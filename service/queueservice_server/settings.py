@@ -6,6 +6,7 @@ Every variable is listed, with its default, in the README's settings table.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -14,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Room a job's fields other than its payload take in a message (task, queue, idempotency key of
+# at most 256, times), and in GetJob's answer (its last error, timestamps), with plenty to spare.
+MESSAGE_ENVELOPE_BYTES = 64 * 1024
+
+
+def window_minute_count(window_s: float) -> int:
+    """The most epoch minutes a window of `window_s` seconds ending at any time touches."""
+    return math.ceil(window_s / 60) + 1
 
 
 class SettingsError(ValueError):
@@ -51,7 +60,21 @@ class Settings:
     stall_interval: float = 30.0
     max_payload_bytes: int = 1024 * 1024
     max_batch_size: int = 1000
-    grpc_max_message_bytes: int = 64 * 1024 * 1024
+    # Sized to the batch limit, not to "anything": a full EnqueueBatch (QUEUE_MAX_BATCH_SIZE = 1000
+    # jobs) of ~4 KiB payloads plus ~200 B of fields each is ~4.2 MiB, so 8 MiB leaves it twice that
+    # room and holds one QUEUE_MAX_PAYLOAD_BYTES job many times over; bigger messages are refused by
+    # gRPC before they are read into memory (validate() keeps it above one max-size job).
+    grpc_max_message_bytes: int = 8 * 1024 * 1024
+    # RPCs in progress per server process, StreamTimings streams included (grpc answers
+    # RESOURCE_EXHAUSTED beyond it). 300 = the subscriber cap plus 200 unary calls, 4x the Redis
+    # pool (QUEUE_REDIS_POOL_SIZE), so a burst queues briefly for a connection instead of being
+    # refused, while an overloaded or Redis-starved server sheds calls instead of piling them up.
+    grpc_max_concurrent_rpcs: int = 300
+    # Open StreamTimings streams per server process (each holds a buffer of up to QUEUE_STREAM_BUFFER
+    # events); kept below QUEUE_GRPC_MAX_CONCURRENT_RPCS so streams never take every RPC slot.
+    stream_max_subscribers: int = 100
+    # Waiting + delayed jobs per queue beyond which Enqueue is refused (0 = no cap), across all servers.
+    max_waiting: int = 0
     default_timeout: float = 300.0
     default_max_attempts: int = 3
     # Seconds before a job's first retry; each later one waits `retry_backoff` times longer.
@@ -74,6 +97,10 @@ class Settings:
     metrics_address: str = ""
     performance_window: float = 3600.0
     stream_buffer: int = 1000
+    # Minute hashes (queues x minutes) one GetPerformance may read and decode. Its cost grows with
+    # both, on the event loop: ~0.14 s per queue at the 24 h window, measured. 15,000 = 10 queues
+    # over 24 h, or every queue of a larger fleet over a shorter window.
+    performance_max_minutes: int = 15_000
     # Alerts look at the last `alert_window` seconds (whole minutes); thresholds from the original system.
     alert_window: float = 300.0
     alert_avg_wait: float = 30.0
@@ -178,6 +205,7 @@ class Settings:
             raise SettingsError("QUEUE_RATE_LIMIT_MAX must be >= 0 (0 = off) with QUEUE_RATE_LIMIT_WINDOW > 0")
         if self.stall_interval <= 0 or self.max_stalls < 0:
             raise SettingsError("QUEUE_STALL_INTERVAL must be > 0 and QUEUE_MAX_STALLS >= 0")
+        self._validate_limits()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError("QUEUE_REDIS_URL must start with redis://, rediss:// or unix://")
         self._validate_monitoring()
@@ -194,6 +222,20 @@ class Settings:
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError("QUEUE_TLS_CLIENT_CA (mTLS) needs server TLS: set QUEUE_TLS_CERT and QUEUE_TLS_KEY")
 
+    def _validate_limits(self) -> None:
+        if self.grpc_max_message_bytes < self.max_payload_bytes + MESSAGE_ENVELOPE_BYTES:
+            raise SettingsError(
+                f"QUEUE_GRPC_MAX_MESSAGE_BYTES ({self.grpc_max_message_bytes}) must hold one job with the largest "
+                f"payload: at least QUEUE_MAX_PAYLOAD_BYTES ({self.max_payload_bytes}) + {MESSAGE_ENVELOPE_BYTES}"
+            )
+        if not 1 <= self.stream_max_subscribers < self.grpc_max_concurrent_rpcs:
+            raise SettingsError(
+                "QUEUE_STREAM_MAX_SUBSCRIBERS must be at least 1 and below QUEUE_GRPC_MAX_CONCURRENT_RPCS "
+                f"(streams count against it), got {self.stream_max_subscribers} and {self.grpc_max_concurrent_rpcs}"
+            )
+        if self.max_waiting < 0:
+            raise SettingsError(f"QUEUE_MAX_WAITING must be >= 0 (0 = no cap), got {self.max_waiting}")
+
     def _validate_monitoring(self) -> None:
         if self.metrics_interval <= 0 or self.metrics_history < 60:
             raise SettingsError("QUEUE_METRICS_INTERVAL must be > 0 and QUEUE_METRICS_HISTORY at least 60")
@@ -203,6 +245,11 @@ class Settings:
             raise SettingsError("QUEUE_PERFORMANCE_WINDOW must be > 0 and at most QUEUE_METRICS_HISTORY")
         if not 0 < self.alert_window <= self.metrics_history:
             raise SettingsError("QUEUE_ALERT_WINDOW must be > 0 and at most QUEUE_METRICS_HISTORY")
+        if self.performance_max_minutes < window_minute_count(self.performance_window):
+            raise SettingsError(
+                "QUEUE_PERFORMANCE_MAX_MINUTES must cover one queue over QUEUE_PERFORMANCE_WINDOW "
+                f"({window_minute_count(self.performance_window)} minutes)"
+            )
         if self.stream_buffer < 1:
             raise SettingsError("QUEUE_STREAM_BUFFER must be at least 1")
         if min(self.alert_avg_wait, self.alert_avg_processing, self.alert_min_throughput) <= 0:
@@ -254,6 +301,9 @@ _PARSERS: dict[str, Any] = {
     "max_payload_bytes": int,
     "max_batch_size": int,
     "grpc_max_message_bytes": int,
+    "grpc_max_concurrent_rpcs": int,
+    "stream_max_subscribers": int,
+    "max_waiting": int,
     "default_timeout": float,
     "default_max_attempts": int,
     "retry_delay": float,
@@ -271,6 +321,7 @@ _PARSERS: dict[str, Any] = {
     "metrics_address": str.strip,
     "performance_window": float,
     "stream_buffer": int,
+    "performance_max_minutes": int,
     "alert_window": float,
     "alert_avg_wait": float,
     "alert_avg_processing": float,

@@ -31,7 +31,7 @@ from queueservice_server.core.keys import (
     TimingFields,
     WorkerFields,
 )
-from queueservice_server.core.producer import Producer
+from queueservice_server.core.producer import JobSpec, Producer
 from queueservice_server.core.scripts import decode_enqueue
 from queueservice_server.core.timings import Attempt, Outcome, bucket
 from queueservice_server.settings import Settings
@@ -215,6 +215,38 @@ def test_enqueue_run_again_with_the_same_ids_never_overwrites_the_job(
     assert scores(r, keys.waiting) == waiting
     assert record(r, keys, second)[JobFields.STATE] == b"WAITING"
     assert len(stream(r, keys)) == 1
+
+
+def test_enqueue_over_the_waiting_cap_writes_nothing_and_a_rerun_is_never_refused(
+    settings: Settings, r: redis.Redis, ops: QueueOps, keys: QueueKeys
+) -> None:
+    capped = replace(settings, max_waiting=4)
+
+    def call_args(*specs: JobSpec) -> tuple[list[str], list[Any]]:
+        async def build(producer: Producer) -> tuple[list[str], list[Any]]:
+            return producer._enqueue_call("default", list(specs))
+
+        return with_producer(capped, build)
+
+    def run(call: tuple[list[str], list[Any]]) -> list[Any]:
+        reply: list[Any] = ops.scripts.enqueue(keys=call[0], args=call[1])
+        return reply
+
+    first = call_args(spec(), spec(delay_ms=60_000))
+    replied = run(first)
+    # A key repeated within a call is one new job: 3 of 4 now (waiting and delayed both count).
+    keyed = run(call_args(spec(idempotency_key="k"), spec(idempotency_key="k")))
+    assert keyed[1::3] == [0, 1] and keyed[0] == keyed[3]
+    before = (members(r, keys.waiting), members(r, keys.delayed), counters(r, keys))
+    # Two new jobs where one fits: neither is written.
+    assert run(call_args(spec(), spec())) == [b"FULL", 3]
+    assert (members(r, keys.waiting), members(r, keys.delayed), counters(r, keys)) == before
+    # At the cap, a re-run of an accepted call and a known key are answered, not refused.
+    run(call_args(spec()))
+    assert decode_enqueue(run(first)) == decode_enqueue(replied)
+    again = run(call_args(spec(idempotency_key="k")))
+    assert again[:2] == [keyed[0], 1]
+    assert run(call_args(spec())) == [b"FULL", 4]
 
 
 # -- TAKE -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ def test_defaults_match_the_design() -> None:
     assert settings.queues == ("default",)
     assert (settings.rate_limit_max, settings.rate_limit_window) == (100, 60)
     assert settings.max_stalls == 2
+    assert settings.grpc_max_message_bytes == 8 * 1024 * 1024
+    assert (settings.grpc_max_concurrent_rpcs, settings.stream_max_subscribers, settings.max_waiting) == (300, 100, 0)
 
 
 def test_prod_concurrency_and_overrides() -> None:
@@ -60,6 +62,12 @@ def test_prod_concurrency_and_overrides() -> None:
         ("QUEUE_RATE_LIMIT_MAX", "-1"),
         ("QUEUE_PREFETCH", "0"),
         ("QUEUE_STALL_INTERVAL", "0"),
+        # Smaller than one job at QUEUE_MAX_PAYLOAD_BYTES (1 MiB) with its other fields.
+        ("QUEUE_GRPC_MAX_MESSAGE_BYTES", str(1024 * 1024)),
+        ("QUEUE_STREAM_MAX_SUBSCRIBERS", "300"),
+        ("QUEUE_STREAM_MAX_SUBSCRIBERS", "0"),
+        ("QUEUE_MAX_WAITING", "-1"),
+        ("QUEUE_PERFORMANCE_MAX_MINUTES", "60"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

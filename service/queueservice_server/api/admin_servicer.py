@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.api.errors import Context, invalid_argument, quoted, rpc, rpc_stream
+from queueservice_server.api.errors import Context, invalid_argument, quoted, resource_exhausted, rpc, rpc_stream
 from queueservice_server.api.monitor_convert import (
     OUTCOME_FILTERS,
     delivery_to_proto,
@@ -16,6 +16,8 @@ from queueservice_server.api.validation import JOB_ID_FORM, Validator, duration_
 from queueservice_server.core.producer import Producer
 from queueservice_server.monitor.events import ORIGIN, CursorError, Filter, Position, decode_cursor, id_text
 from queueservice_server.monitor.runner import Monitoring
+from queueservice_server.monitor.streaming import TooManySubscribers
+from queueservice_server.settings import window_minute_count
 
 MAX_RETRY_IDS = 10_000
 # Malformed ids named one by one in a RetryFailed error, at most (the rest are counted), so
@@ -57,6 +59,15 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
             raise invalid_argument(
                 [("window", f"must be between 60 s and QUEUE_METRICS_HISTORY ({history:g} s), got {window:g} s")]
             )
+        # Each queue's every minute is one hash read and decoded: bounded per call.
+        minutes = len(queues) * window_minute_count(max(window, self.settings.alert_window))
+        cap = self.settings.performance_max_minutes
+        if minutes > cap:
+            raise resource_exhausted(
+                "QUEUE_PERFORMANCE_MAX_MINUTES",
+                f"a {window:g} s window over {len(queues)} queues reads {minutes} minute records; the limit is {cap} "
+                f"(QUEUE_PERFORMANCE_MAX_MINUTES): name one queue or ask for a shorter window",
+            )
         report = await self.monitoring.reports.performance(queues, window)
         return performance_to_proto(report)
 
@@ -85,8 +96,15 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         if cursor:
             await self._check_not_ahead(cursor)
         wanted = Filter(queues, request.task, OUTCOME_FILTERS.get(request.outcome))
-        async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
-            yield delivery_to_proto(delivery)
+        try:
+            async for delivery in self.monitoring.hub.subscribe(wanted, request.last_n, cursor, context.done):
+                yield delivery_to_proto(delivery)
+        except TooManySubscribers as exc:
+            raise resource_exhausted(
+                "QUEUE_STREAM_MAX_SUBSCRIBERS",
+                f"this server already has {exc.limit} StreamTimings subscribers, its limit "
+                "(QUEUE_STREAM_MAX_SUBSCRIBERS); retry later, on another replica, or close idle streams",
+            ) from None
 
     async def _check_not_ahead(self, cursor: dict[str, Position]) -> None:
         ahead = await self.monitoring.hub.ahead(cursor)

@@ -6,9 +6,9 @@ from google.protobuf import timestamp_pb2
 
 from queueservice.v1 import queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.api.convert import job_to_proto, timestamp_ms
-from queueservice_server.api.errors import Context, invalid_argument, not_found, rpc
+from queueservice_server.api.errors import Context, invalid_argument, not_found, resource_exhausted, rpc
 from queueservice_server.api.validation import JOB_ID_FORM, Validator, job_id_problem
-from queueservice_server.core.producer import Enqueued, Producer
+from queueservice_server.core.producer import Enqueued, JobSpec, Producer, QueueFull
 
 
 def _responses(results: list[Enqueued]) -> list[queue_service_pb2.EnqueueResponse]:
@@ -32,18 +32,24 @@ class QueueServicer(queue_service_pb2_grpc.QueueServiceServicer):
         self.producer = producer
         self.validator = validator
 
+    async def _enqueue(self, specs: list[JobSpec]) -> list[Enqueued]:
+        try:
+            return await self.producer.enqueue(specs)
+        except QueueFull as exc:
+            raise resource_exhausted(exc.subject, str(exc)) from None
+
     @rpc
     async def Enqueue(
         self, request: queue_service_pb2.EnqueueRequest, context: Context
     ) -> queue_service_pb2.EnqueueResponse:
-        (response,) = _responses(await self.producer.enqueue([self.validator.job(request)]))
+        (response,) = _responses(await self._enqueue([self.validator.job(request)]))
         return response
 
     @rpc
     async def EnqueueBatch(
         self, request: queue_service_pb2.EnqueueBatchRequest, context: Context
     ) -> queue_service_pb2.EnqueueBatchResponse:
-        results = await self.producer.enqueue(self.validator.batch(request))
+        results = await self._enqueue(self.validator.batch(request))
         return queue_service_pb2.EnqueueBatchResponse(results=_responses(results))
 
     @rpc

@@ -137,7 +137,9 @@ def create_server(settings: Settings, redis_url: str, address: str | None = None
     tls = server_credentials(settings)
     client = async_client(settings, redis_url)
     monitoring = Monitoring(settings, client)
-    server = grpc.aio.server(options=server_options(settings))
+    server = grpc.aio.server(
+        options=server_options(settings), maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs
+    )
     producer, validator = Producer(settings, client), Validator(settings, tasks)
     # Auth inside the metrics wrapper, so refused calls are counted by their code.
     wrappers = [

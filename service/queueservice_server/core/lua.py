@@ -132,17 +132,39 @@ end
 # Creates a batch of jobs of one queue, or for a known idempotency key returns
 # the first job of that key. The batch comes as one msgpack argument, so a
 # thousand jobs cost one command to parse rather than fifteen thousand.
+# With a cap (ARGV[5] > 0) on waiting + delayed jobs, a call whose new jobs
+# would take the queue past it writes nothing and answers {'FULL', count}: all
+# or nothing per call. Jobs it would not create (an existing id, a known
+# idempotency key, a key repeated within the batch) do not count, so repeats
+# are never refused.
 # Safe to re-run: job ids are random and chosen by the caller, so a job whose
 # record exists was written by an earlier run of this very call; it is
-# returned as it is, never overwritten (a worker may have taken it meanwhile).
+# returned as it is, never overwritten (a worker may have taken it meanwhile),
+# and counts as nothing new against the cap. A refused run wrote nothing.
 # KEYS: waiting, delayed, counters
 # ARGV: job_prefix, idempotency_prefix, idempotency_ttl_ms, jobs: a msgpack list of
-#       [local_id, msg, task, priority, delay_ms, due_at_ms, max_attempts, timeout_ms, idempotency_key]
-# Returns per job: local id (the first job's, for a known key), deduplicated (0/1), enqueued_at_ms.
+#       [local_id, msg, task, priority, delay_ms, due_at_ms, max_attempts, timeout_ms, idempotency_key],
+#       max_waiting (0 = no cap)
+# Returns per job: local id (the first job's, for a known key), deduplicated (0/1), enqueued_at_ms;
+# or {'FULL', waiting + delayed} when the cap refused the call.
 ENQUEUE = (
     _NOW
     + """
 local jobs = cmsgpack.unpack(ARGV[4])
+local cap = tonumber(ARGV[5] or '0')
+if cap > 0 then
+  local present = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+  local fresh, keys = 0, {}
+  for _, job in ipairs(jobs) do
+    local id, idem = job[1], job[9]
+    if redis.call('EXISTS', ARGV[1] .. id) == 0 and not (idem ~= '' and (keys[idem]
+        or redis.call('EXISTS', ARGV[2] .. idem) == 1)) then
+      fresh = fresh + 1
+    end
+    if idem ~= '' then keys[idem] = true end
+  end
+  if fresh > 0 and present + fresh > cap then return {'FULL', present} end
+end
 local out = {}
 local seq = redis.call('HINCRBY', KEYS[3], 'seq', #jobs) - #jobs
 for _, job in ipairs(jobs) do

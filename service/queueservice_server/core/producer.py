@@ -1,7 +1,8 @@
 """The queue core on the API side: writes jobs and reads them back, on redis.asyncio.
 
 Each job is one ENQUEUE script call (record, order in its queue, idempotency
-key: one atomic step); a batch is one pipelined round trip.
+key, the QUEUE_MAX_WAITING check: one atomic step); a batch is one pipelined
+round trip, with one call per queue it names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from queueservice_server.core.scripts import Scripts, call, decode_enqueue, exec
 from queueservice_server.settings import Settings
 from queueservice_server.tasks import Policy
 
+# ENQUEUE's answer when QUEUE_MAX_WAITING refused the call (see lua.ENQUEUE).
+FULL = b"FULL"
+
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -33,6 +37,24 @@ class JobSpec:
     delay_ms: int = 0
     due_at_ms: int = 0
     idempotency_key: str = ""
+
+
+class QueueFull(Exception):
+    """ENQUEUE refused the jobs of `full` (queue -> its waiting + delayed jobs): they would have
+    taken it past QUEUE_MAX_WAITING. Each queue's part of a batch is one atomic step, so the
+    jobs of a batch's other queues (`enqueued`: queue -> count) were written."""
+
+    def __init__(self, limit: int, full: dict[str, int], new: dict[str, int], enqueued: dict[str, int]) -> None:
+        parts = [
+            f"queue {queue!r} has {present} waiting or delayed jobs and its limit is {limit} (QUEUE_MAX_WAITING): "
+            f"its {new[queue]} new jobs were not enqueued"
+            for queue, present in full.items()
+        ]
+        if enqueued:
+            done = ", ".join(f"{count} for queue {queue!r}" for queue, count in enqueued.items())
+            parts.append(f"this batch's jobs {done} were enqueued (idempotency keys make a retry of it safe)")
+        super().__init__("; ".join(parts) + "; retry once workers have drained it")
+        self.subject = ",".join(f"queue:{queue}" for queue in full)
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,11 @@ class Producer:
                     call(self.scripts.enqueue, keys, args, pipe)
 
             replies = await execute_async(self.client, self.scripts, build)
+        full = {queue: int(reply[1]) for (queue, _), reply in zip(calls, replies, strict=True) if reply[:1] == [FULL]}
+        if full:
+            new = {queue: len(by_queue[queue]) for queue in full}
+            enqueued = {queue: len(indexes) for queue, indexes in by_queue.items() if queue not in full}
+            raise QueueFull(self.settings.max_waiting, full, new, enqueued)
         results: list[Enqueued | None] = [None] * len(specs)
         for (queue, _), reply, indexes in zip(calls, replies, by_queue.values(), strict=True):
             for index, (local, dedup, at) in zip(indexes, decode_enqueue(reply), strict=True):
@@ -105,7 +132,13 @@ class Producer:
         ]
         # Redis's Lua msgpack predates the bin and str8 types: the old raw format only.
         blob = msgpack.packb(jobs, use_bin_type=False)
-        args = [keys.job_prefix, keys.idempotency(""), int(self.settings.idempotency_window * 1000), blob]
+        args = [
+            keys.job_prefix,
+            keys.idempotency(""),
+            int(self.settings.idempotency_window * 1000),
+            blob,
+            self.settings.max_waiting,
+        ]
         return [keys.waiting, keys.delayed, keys.counters], args
 
     async def get_job(self, job_id: str) -> JobRecord | None:

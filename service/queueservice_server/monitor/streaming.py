@@ -59,6 +59,15 @@ GONE_CHECK_S = 1.0
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+class TooManySubscribers(Exception):
+    """This server already serves QUEUE_STREAM_MAX_SUBSCRIBERS streams (counted per process: the
+    cap bounds this process's memory, so it needs no agreement with other replicas)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this server already has {limit} StreamTimings subscribers")
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class Delivery:
     event: Event
@@ -167,32 +176,52 @@ class TimingsHub:
             if len(entries) < PAGE or self.closed:
                 return
 
-    async def _last(self, wanted: Filter, count: int) -> tuple[list[Event], dict[str, Position], dict[str, Position]]:
-        """The newest `count` matching entries over the subscribed queues, oldest first; the
-        positions just before them; and each stream's end."""
-        chosen: list[Event] = []
-        ends: dict[str, Position] = {}
-        for queue in wanted.queues:
-            found: list[Event] = []
-            top = "+"
-            while len(found) < count:
-                entries = await self._xrevrange(queue, top, "-", PAGE)
-                for raw_id, fields in entries:
-                    event = parse_event(queue, raw_id, fields)
-                    ends.setdefault(queue, event.position)
-                    if wanted.matches(event) and len(found) < count:
-                        found.append(event)
-                if len(entries) < PAGE:
-                    break
-                top = "(" + id_text(parse_id(entries[-1][0]))
-            ends.setdefault(queue, ORIGIN)
-            chosen += found
-        chosen.sort(key=lambda event: event.id)
-        chosen = chosen[-count:]
-        starts = dict(ends)
-        for event in reversed(chosen):
-            starts[event.queue] = event.position.before()
-        return chosen, starts, ends
+    async def _newest_first(self, queue: str) -> AsyncGenerator[Event, None]:
+        """Every entry of the stream, newest first, a page at a time."""
+        top = "+"
+        while True:
+            entries = await self._xrevrange(queue, top, "-", PAGE)
+            for raw_id, fields in entries:
+                yield parse_event(queue, raw_id, fields)
+            if len(entries) < PAGE or self.closed:
+                return
+            top = "(" + id_text(parse_id(entries[-1][0]))
+
+    async def _starts(self, wanted: Filter, count: int) -> dict[str, Position]:
+        """Per subscribed queue, where reading on finds the newest `count` matching entries over
+        all of them first: just before its oldest one among them, else its stream's end.
+
+        The streams are walked newest first in step (one page per queue held at a time) rather
+        than collected: a subscriber at the largest last_n then costs no more memory than one
+        at last_n=1 once it has started; holding those events held ~5 MB per subscriber."""
+        starts: dict[str, Position] = {}
+        heads: dict[str, tuple[Event, AsyncGenerator[Event, None]]] = {}
+        try:
+            for queue in wanted.queues:
+                walk = self._newest_first(queue)
+                first = await anext(walk, None)
+                starts[queue] = first.position if first is not None else ORIGIN
+                if first is not None:
+                    heads[queue] = (first, walk)
+                else:
+                    await walk.aclose()
+            chosen = 0
+            while chosen < count and heads:
+                queue = max(heads, key=lambda q: heads[q][0].id)
+                event, walk = heads[queue]
+                if wanted.matches(event):
+                    chosen += 1
+                    starts[queue] = event.position.before()
+                following = await anext(walk, None)
+                if following is None:
+                    del heads[queue]
+                    await walk.aclose()
+                else:
+                    heads[queue] = (following, walk)
+        finally:
+            for _, walk in heads.values():
+                await walk.aclose()
+        return starts
 
     async def _attach(self, subscriber: Subscriber) -> None:
         loop = asyncio.get_running_loop()
@@ -273,9 +302,11 @@ class TimingsHub:
     ) -> AsyncIterator[Delivery]:
         """Deliveries for one subscriber until the hub closes, the caller stops iterating, or
         `gone()` (its RPC ended: checked too because redis.asyncio may swallow the cancellation
-        meant to stop it, see cancellation.py)."""
+        meant to stop it, see cancellation.py). Raises TooManySubscribers at the cap."""
         if self.closed:
             return
+        if self._open >= self.settings.stream_max_subscribers:
+            raise TooManySubscribers(self.settings.stream_max_subscribers)
         subscriber = Subscriber(wanted, self.settings.stream_buffer, self.on_drop)
         self.on_subscribers(1)
         self._open += 1
@@ -283,10 +314,8 @@ class TimingsHub:
         try:
             await self._attach(subscriber)
             if cursor is None and last_n:
-                backlog, positions, ends = await self._last(wanted, last_n)
-                for event in backlog:
-                    yield subscriber.deliver(event, positions)
-                positions = ends
+                # The newest last_n come from reading on from their start, like any catch-up.
+                positions = await self._starts(wanted, last_n)
             else:
                 # A queue the cursor does not name (or no cursor: live only) starts at its stream's end.
                 given = cursor or {}
