@@ -225,9 +225,11 @@ def test_enqueue_past_max_waiting_is_refused_naming_the_queue(
     # Jobs that leave waiting make room.
     worker_factory(capped)
     wait_for(lambda: waiting_and_delayed(capped) == 1, 30, what="the waiting jobs done")
-    response = stub.EnqueueBatch(batch_of(request("diag.noop"), request("diag.noop")))
+    # Delayed, so that the running worker cannot take them and make room again.
+    later = {"seconds": 3600}
+    response = stub.EnqueueBatch(batch_of(request("diag.noop", delay=later), request("diag.noop", delay=later)))
     assert len(response.results) == 2
-    refused(lambda: stub.Enqueue(request("diag.noop", delay={"seconds": 3600})))
+    refused(lambda: stub.Enqueue(request("diag.noop", delay=later)))
 
 
 def test_max_waiting_holds_across_servers_on_one_redis(settings: Settings, server_factory: StartServer) -> None:
