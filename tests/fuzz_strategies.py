@@ -593,7 +593,7 @@ def rpc_calls(
 
 def describe(message: Message, limit: int = 600) -> str:
     """A request, short enough to print: text format, long runs elided."""
-    text = text_format.MessageToString(message, as_one_line=True, as_utf8=False)
+    text = text_format.MessageToString(message, as_one_line=True, as_utf8=False) or "(an empty request)"
     return (
         text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]} ({message.ByteSize()} bytes)"
     )
