@@ -626,15 +626,21 @@ def shrink_candidates(message: Message) -> Iterator[Message]:
                         yield changed
         elif fd.is_repeated:
             n = len(value)
-            for keep in sorted({1, n // 2} - {0, n}):
+            # Halves and single ends first (a long list shrinks in a few steps), then one
+            # element less, then smaller elements.
+            cuts = [slice(1, None), slice(None, -1)] if n > 1 else []
+            if n > 3:
+                cuts = [slice(n // 2, None), slice(None, n // 2), slice(1, None), slice(None, n - 1)]
+            for index in [*cuts, *(range(n) if n <= 16 else [])]:
                 cut = _copy(message)
-                del getattr(cut, fd.name)[keep:]
+                del getattr(cut, fd.name)[index]
                 yield cut
-            if n and fd.type == FieldDescriptor.TYPE_MESSAGE:
-                for smaller in shrink_candidates(value[0]):
-                    changed = _copy(message)
-                    getattr(changed, fd.name)[0].CopyFrom(smaller)
-                    yield changed
+            if fd.type == FieldDescriptor.TYPE_MESSAGE:
+                for i in range(n):
+                    for smaller in shrink_candidates(value[i]):
+                        changed = _copy(message)
+                        getattr(changed, fd.name)[i].CopyFrom(smaller)
+                        yield changed
         elif fd.type == FieldDescriptor.TYPE_MESSAGE:
             for smaller in shrink_candidates(value):
                 changed = _copy(message)

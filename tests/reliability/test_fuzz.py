@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from queueservice.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
 from queueservice_server.embedded import RedisServer, free_port
 from queueservice_server.settings import Settings
-from tests.fuzz_strategies import SERVICES, Hints, Rpc, all_rpcs, describe, minimise, rpc_calls
+from tests.fuzz_strategies import MAX_REQUEST_BYTES, SERVICES, Hints, Rpc, all_rpcs, describe, minimise, rpc_calls
 from tests.support import ServeProcess, WorkerProcess, request, stub_for, wait_for
 
 REQUESTS = 100_000
@@ -218,7 +218,9 @@ def target(embedded_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 
 
 def _real_jobs(address: str) -> list[str]:
-    """Jobs in every state the fuzz can reach by id: done, failed, delayed, waiting."""
+    """Real job ids for the hints: completed, failed and delayed jobs on both queues. The
+    failed ones' error is cut by the worker inside a UTF-8 character (an odd-length prefix
+    before two-byte characters), an error text the reports must survive."""
     stub = stub_for(address)
     ids = [stub.Enqueue(request("diag.noop", queue=queue)).job_id for queue in ("default", "emails")] + [
         stub.Enqueue(request("diag.fail", {"message": "x" + "é" * 300}, max_attempts=1, queue=q)).job_id
@@ -574,6 +576,36 @@ def test_garbage_on_the_http2_port_leaves_the_server_serving(target: FuzzTarget)
         f" fds {start_fds} -> {target.serve.open_fds()}"
     )
     assert end_rss <= start_rss + RSS_SLACK, (start_rss, end_rss)
+
+
+def test_strategies_stay_bounded_and_the_minimiser_shrinks() -> None:
+    """The strategies themselves: every RPC drawn, every request under the size bound, and
+    the minimiser keeps only what a failure needs."""
+    seen: Counter[str] = Counter()
+
+    @seed(SEED)
+    @settings(max_examples=300, deadline=None, database=None, phases=[Phase.generate])
+    @given(rpc_calls(Hints(queues=("default", "emails"))))
+    def draw(call: tuple[Rpc, Message]) -> None:
+        seen[call[0].name] += 1
+        assert call[1].ByteSize() <= MAX_REQUEST_BYTES
+
+    draw()
+    assert set(seen) == {rpc.name for rpc in RPCS}
+
+    big = queue_service_pb2.EnqueueBatchRequest(
+        jobs=[request("diag.noop", {"a": list(range(50))}, queue="q" * 30, priority=n) for n in range(40)]
+    )
+    big.jobs[17].schedule_time.nanos = -1
+
+    def still_fails(message: Message) -> bool:
+        assert isinstance(message, queue_service_pb2.EnqueueBatchRequest)
+        return any(job.schedule_time.nanos < 0 for job in message.jobs)
+
+    small = minimise(big, still_fails, max_tries=500)
+    expected = queue_service_pb2.EnqueueBatchRequest(jobs=[queue_service_pb2.EnqueueRequest()])
+    expected.jobs[0].schedule_time.nanos = -1
+    assert small == expected, describe(small)
 
 
 def test_fuzz_covers_every_rpc_the_protos_declare() -> None:
