@@ -347,6 +347,14 @@ def test_hostile_requests_on_every_rpc_never_internal(target: FuzzTarget) -> Non
     finally:
         sender.close()
 
+    # Memory is read before the assertions, so that a run with failures reports it too.
+    assert target.serve.alive(), target.serve.log_text()[-3000:]
+    end_rss = _settled_rss(target.serve)
+    peak = target.serve.status("VmHWM")
+    print(
+        f"fuzz: server RSS {start_rss >> 20} MiB after warm-up, {middle_rss >> 20} MiB half-way,"
+        f" {end_rss >> 20} MiB after, peak {peak >> 20} MiB"
+    )
     assert not failures, failures
     assert sent >= REQUESTS
     for rpc in RPCS:
@@ -354,14 +362,7 @@ def test_hostile_requests_on_every_rpc_never_internal(target: FuzzTarget) -> Non
         # ever tests the validator's first line).
         calls = sum(per_rpc[rpc.name].values())
         assert tally.accepted(rpc) >= calls // 20, (rpc.name, per_rpc[rpc.name])
-    assert target.serve.alive()
     _check_serving(target.address)
-    end_rss = _settled_rss(target.serve)
-    peak = target.serve.status("VmHWM")
-    print(
-        f"fuzz: server RSS {start_rss >> 20} MiB after warm-up, {middle_rss >> 20} MiB half-way,"
-        f" {end_rss >> 20} MiB after, peak {peak >> 20} MiB"
-    )
     assert end_rss <= start_rss + RSS_SLACK, (start_rss, end_rss)
 
 
