@@ -222,3 +222,66 @@ def wait_all(settings: Settings, job_ids: list[str], state: str, timeout: float)
         wait_for(done, timeout, interval=0.2, what=f"{len(job_ids)} jobs {state}")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {dict(states(settings, job_ids))}") from None
+
+
+class ServeProcess:
+    """`python -m queueservice_server serve` on `settings` (its Redis, its address) as a
+    process of its own, so that its memory and descriptors can be read from /proc."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.address = settings.grpc_address
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> str:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "queueservice_server", "serve"],
+                env=process_env(self.settings),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        assert self.process.stdout is not None
+        # The banner is printed once the server listens; a server that fails to start exits instead.
+        banner = self.process.stdout.readline().decode()
+        if f"gRPC on {self.address}" not in banner:
+            self.stop()
+            raise AssertionError(f"serve did not start: {banner!r}\n{self.log_text()}")
+        return self.address
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def status(self, field: str) -> int:
+        """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM, ...), in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0]) * 1024
+        raise KeyError(field)
+
+    def rss(self) -> int:
+        return self.status("VmRSS")
+
+    def open_fds(self) -> int:
+        return len(list(Path(f"/proc/{self.pid}/fd").iterdir()))
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(self.settings.grpc_grace + 20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
