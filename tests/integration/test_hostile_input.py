@@ -164,7 +164,7 @@ def test_long_hostile_text_is_echoed_cut_so_the_error_still_reaches_the_caller(
     """Errors travel in metadata that clients cap at 8 KiB: what they echo of the input is cut."""
     long = "é" * 3000
     error = rpc_error(lambda: queue_stub.Enqueue(request(long)))
-    invalid(error, "task", "unknown task 'éééé")
+    invalid(error, "task", "unknown task '\\xe9\\xe9")
     assert "(3000 characters)" in violations(error)["task"]
     invalid(rpc_error(lambda: queue_stub.Enqueue(request("diag.noop", queue=long))), "queue", "is not a queue name")
     invalid(rpc_error(lambda: queue_stub.GetJob(queue_service_pb2.GetJobRequest(job_id=long))), "job_id", "not a job")
@@ -175,6 +175,15 @@ def test_long_hostile_text_is_echoed_cut_so_the_error_still_reaches_the_caller(
     invalid(
         rpc_error(lambda: _stream_timings(admin_stub, cursor=cursor)), "cursor", "part 1 (default) has a number past"
     )
+    # The worst the limits allow: non-ASCII (percent-encoded threefold in grpc-message) in every field of
+    # every job of a full batch, and as many 4-byte-character ids as RetryFailed takes.
+    emoji = "😀" * 256
+    batch = queue_service_pb2.EnqueueBatchRequest(jobs=[request(emoji[:64], queue=emoji[:64])] * 1000)
+    error = rpc_error(lambda: queue_stub.EnqueueBatch(batch))
+    invalid(error, "jobs[0].task", "unknown task")
+    assert len(error.details() or "") < 1000
+    retry = pb.RetryFailedRequest(queue="default", job_ids=[emoji[:64]] * 10_000)
+    invalid(rpc_error(lambda: admin_stub.RetryFailed(retry)), "job_ids[0]", "is not a job id")
 
 
 # Each cuts the timings record's 500 bytes inside a multi-byte character, at every offset:

@@ -150,7 +150,9 @@ class Sender:
         examples = self.tally.samples.setdefault((rpc.name, code), [])
         if len(examples) < 2 and details:
             examples.append(details[:160])
-        if code in {c.name for c in FORBIDDEN} or (code == "DEADLINE_EXCEEDED" and not rpc.server_streaming):
+        # A reply the client's transport refused (trailers over its metadata limit) never reached the caller.
+        refused = code == "RESOURCE_EXHAUSTED" and "metadata size" in details
+        if code in {c.name for c in FORBIDDEN} or refused or (code == "DEADLINE_EXCEEDED" and not rpc.server_streaming):
             self.tally.failures.append(Failure(rpc, message, code, details))
 
     async def _batch(self, batch: list[tuple[Rpc, Message]]) -> None:

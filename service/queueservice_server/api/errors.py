@@ -40,17 +40,38 @@ class ApiError(Exception):
         return rpc_status.to_status(status)
 
 
-def quoted(text: str, limit: int = 40) -> str:
-    """`text` as an error message shows what a caller sent: quoted, and cut when long, since
-    status messages and details travel in metadata that clients cap at 8 KiB."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+# Status messages and details travel in trailers that clients cap at 8 KiB (a soft limit that
+# starts refusing there, a hard one at 16 KiB), and grpc-message percent-encodes every non-ASCII
+# byte: what an error echoes is ASCII and short, and one error lists violations up to a budget.
+MAX_DESCRIPTION = 400
+MAX_MESSAGE = 2000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quoted(text: str, limit: int = 48) -> str:
+    """`text` as an error message shows what a caller sent: quoted in ASCII, and cut when long."""
+    shown = ascii(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
 
 
 def invalid_argument(violations: Sequence[tuple[str, str]]) -> ApiError:
+    shown: list[tuple[str, str]] = []
+    budget = MAX_MESSAGE
+    for field, description in violations:
+        item = (_clip(field, 64), _clip(description, MAX_DESCRIPTION))
+        budget -= len(item[0]) + len(item[1]) + 4
+        if budget < 0:
+            break
+        shown.append(item)
+    if len(shown) < len(violations):
+        shown.append(("request", f"and {len(violations) - len(shown)} more violations (fix these first)"))
     request = error_details_pb2.BadRequest(
-        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations]
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in shown]
     )
-    message = "; ".join(f"{field}: {description}" for field, description in violations)
+    message = "; ".join(f"{field}: {description}" for field, description in shown)
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message, [request])
 
 
