@@ -225,8 +225,8 @@ def wait_all(settings: Settings, job_ids: list[str], state: str, timeout: float)
 
 
 class ServeProcess:
-    """`python -m queueservice_server serve` on `settings` (its Redis, its address) as a
-    process of its own, so that its memory and descriptors can be read from /proc."""
+    """`Serve` on `settings` (its Redis, its address, everything else), started by `start()`,
+    with what /proc tells of the process: its memory and descriptors."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
@@ -234,21 +234,14 @@ class ServeProcess:
         self.address = settings.grpc_address
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> str:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "queueservice_server", "serve"],
-                env=process_env(self.settings),
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-            )
-        assert self.process.stdout is not None
+    def start(self) -> str:
+        port = int(self.address.rpartition(":")[2])
+        serve = Serve(self.settings.data_dir, port, self.log_path, self.settings.to_env())
+        self.process = serve.process
         # The banner is printed once the server listens; a server that fails to start exits instead.
-        banner = self.process.stdout.readline().decode()
-        if f"gRPC on {self.address}" not in banner:
+        if f"gRPC on {self.address}" not in serve.banner:
             self.stop()
-            raise AssertionError(f"serve did not start: {banner!r}\n{self.log_text()}")
+            raise AssertionError(f"serve did not start: {serve.banner!r}\n{self.log_text()}")
         return self.address
 
     @property
@@ -258,6 +251,10 @@ class ServeProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
 
     def status(self, field: str) -> int:
         """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM, ...), in bytes."""

@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from queueservice.v1 import admin_service_pb2, queue_service_pb2
 from queueservice_server.api.auth import PERMISSIONS, Role, new_token
 from queueservice_server.embedded import free_port
 from queueservice_server.settings import Settings
-from tests.support import process_env, request, wait_for
+from tests.support import ServeProcess, request, wait_for
 
 # One request per RPC that passes validation; the table below must name every RPC in PERMISSIONS.
 SAMPLES: dict[str, tuple[Message, Callable[[Any], bytes], Callable[[bytes], Any], bool]] = {}
@@ -175,15 +171,33 @@ def test_a_viewer_sees_a_job_without_its_payload_and_error(
         stranger.get_job(job_id)
 
 
+class AuditLines:
+    """The audit trail's JSON lines on stderr (the server runs in the test's process)."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+        self.lines: list[dict[str, Any]] = []
+
+    def wait(self, count: int) -> list[dict[str, Any]]:
+        def read() -> bool | None:
+            err = self.capsys.readouterr().err
+            self.lines += [
+                json.loads(line) for line in err.splitlines() if '"logger": "queueservice_server.audit"' in line
+            ]
+            return len(self.lines) >= count or None
+
+        wait_for(read, timeout=10, what=f"{count} audit lines")
+        return self.lines
+
+
 def test_mutating_calls_leave_one_audit_line_each(
-    auth_channel: grpc.Channel, tokens: Tokens, caplog: pytest.LogCaptureFixture
+    auth_channel: grpc.Channel, tokens: Tokens, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="queueservice_server.audit")
     call(auth_channel, "/queueservice.v1.QueueService/Enqueue", tokens.metadata("producer"))
     call(auth_channel, "/queueservice.v1.QueueAdminService/RetryFailed", tokens.metadata("producer"))
     call(auth_channel, "/queueservice.v1.QueueAdminService/RetryFailed", tokens.metadata("operator"))
     call(auth_channel, "/queueservice.v1.QueueAdminService/GetStats", tokens.metadata("viewer"))
-    lines = [vars(record) for record in caplog.records if record.name == "queueservice_server.audit"]
+    lines = AuditLines(capsys).wait(3)
     seen = [(line["rpc"], line["who"], line["code"], line.get("jobs")) for line in lines]
     assert seen == [
         ("Enqueue", "producer", "OK", 1),
@@ -217,42 +231,18 @@ def test_health_and_reflection_can_be_closed(
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-class ServeProcess:
-    """`queue-service serve` on the suite's Redis, for what only a real process shows (signals)."""
-
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.address = f"127.0.0.1:{free_port()}"
-        env = process_env(dataclasses.replace(settings, grpc_address=self.address, serve_workers=False))
-        with open(log, "ab") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "queueservice_server", "serve"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        assert self.process.stdout is not None
-        self.banner = self.process.stdout.readline().decode()
-        assert "gRPC on" in self.banner, log.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 def test_sighup_reloads_the_tokens_without_a_restart(auth_settings: Settings, tokens: Tokens, tmp_path: Path) -> None:
-    serve = ServeProcess(auth_settings, tmp_path / "serve.log")
+    address = f"127.0.0.1:{free_port()}"
+    serve = ServeProcess(
+        dataclasses.replace(auth_settings, grpc_address=address, serve_workers=False), tmp_path / "serve.log"
+    )
+    serve.start()
     try:
         with grpc.insecure_channel(serve.address) as channel:
             stats = "/queueservice.v1.QueueAdminService/GetStats"
             assert call(channel, stats, tokens.metadata("viewer"))[0] == grpc.StatusCode.OK
             fresh = write_auth_file(tokens.file, {"newcomer": "viewer"})
-            serve.process.send_signal(signal.SIGHUP)
+            serve.signal(signal.SIGHUP)
             wait_for(
                 lambda: (
                     call(channel, stats, (("authorization", f"Bearer {fresh['newcomer']}"),))[0] == grpc.StatusCode.OK
@@ -264,7 +254,7 @@ def test_sighup_reloads_the_tokens_without_a_restart(auth_settings: Settings, to
             assert call(channel, stats, tokens.metadata("viewer"))[0] == grpc.StatusCode.UNAUTHENTICATED
             # A file that does not parse is refused; the identities stay as they were.
             tokens.file.write_text("newcomer viewer sha256:not-hex\n")
-            serve.process.send_signal(signal.SIGHUP)
+            serve.signal(signal.SIGHUP)
             wait_for(
                 lambda: "auth file not reloaded" in (tmp_path / "serve.log").read_text() or None,
                 timeout=10,
@@ -272,7 +262,7 @@ def test_sighup_reloads_the_tokens_without_a_restart(auth_settings: Settings, to
             )
             metadata = (("authorization", f"Bearer {fresh['newcomer']}"),)
             assert call(channel, stats, metadata)[0] == grpc.StatusCode.OK
-        assert serve.process.poll() is None
+        assert serve.alive()
     finally:
         serve.stop()
     log = (tmp_path / "serve.log").read_text()
@@ -299,16 +289,15 @@ def test_the_async_client_sends_its_token(
 
 
 def test_an_unparsable_body_is_invalid_argument_and_audited_with_auth_on(
-    auth_channel: grpc.Channel, tokens: Tokens, caplog: pytest.LogCaptureFixture
+    auth_channel: grpc.Channel, tokens: Tokens, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    caplog.set_level(logging.INFO, logger="queueservice_server.audit")
     for metadata in [tokens.metadata("producer"), ()]:
         with pytest.raises(grpc.RpcError) as refused:
             enqueue = auth_channel.unary_unary("/queueservice.v1.QueueService/Enqueue", None, None)
             enqueue(b"\xff\xff\xff", metadata=metadata)
         expected = grpc.StatusCode.INVALID_ARGUMENT if metadata else grpc.StatusCode.UNAUTHENTICATED
         assert refused.value.code() == expected
-    lines = [vars(record) for record in caplog.records if record.name == "queueservice_server.audit"]
+    lines = AuditLines(capsys).wait(2)
     assert [(line["who"], line["code"]) for line in lines] == [
         ("producer", "INVALID_ARGUMENT"),
         ("-", "UNAUTHENTICATED"),

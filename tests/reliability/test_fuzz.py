@@ -25,9 +25,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from queueservice.v1 import job_pb2, queue_service_pb2, queue_service_pb2_grpc
+from queueservice_server.api.auth import new_token
 from queueservice_server.embedded import RedisServer, free_port
 from queueservice_server.settings import Settings
 from tests.fuzz_strategies import MAX_REQUEST_BYTES, SERVICES, Hints, Rpc, all_rpcs, describe, minimise, rpc_calls
@@ -67,12 +68,17 @@ RPCS = all_rpcs()
 WEIGHTS = {"GetPerformance": 1}
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 @dataclass
 class Failure:
     rpc: Rpc
     request: Message
     code: str
     details: str
+    # The metadata it was sent with to the server with auth on; None: the one with auth off.
+    identity: Metadata | None = None
 
     def signature(self) -> tuple[str, str]:
         return (self.rpc.name, self.code)
@@ -96,40 +102,50 @@ class Tally:
 
 
 class Sender:
-    """One grpc.aio channel on a loop in a background thread; batches are sent
-    concurrently and pipelined with their generation (a bounded number in flight)."""
+    """grpc.aio channels on a loop in a background thread; batches are sent concurrently and
+    pipelined with their generation (a bounded number in flight). With a `secured` server (auth
+    on), every fourth batch goes there instead, each call as one of `identities` in turn."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secured: str = "", identities: Sequence[Metadata] = ()) -> None:
         self.tally = Tally()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.pending: list[Future[None]] = []
-        self._call(self._open(address)).result(30)
+        self.identities = identities
+        self.batches = 0
+        self._call(self._open(address, secured)).result(30)
 
     def _call(self, coro: Any) -> Future[Any]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    async def _open(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    async def _open(self, address: str, secured: str) -> None:
+        self.channels = [grpc.aio.insecure_channel(address)]
+        if secured:
+            self.channels.append(grpc.aio.insecure_channel(secured))
         self.limit = asyncio.Semaphore(IN_FLIGHT)
-        self.methods: dict[str, Any] = {}
-        for rpc in RPCS:
-            make = self.channel.unary_stream if rpc.server_streaming else self.channel.unary_unary
-            self.methods[rpc.path] = make(
-                rpc.path,
-                request_serializer=rpc.request_cls.SerializeToString,
-                response_deserializer=rpc.response_cls.FromString,
-            )
+        self.methods: list[dict[str, Any]] = []
+        for channel in self.channels:
+            methods = {}
+            for rpc in RPCS:
+                make = channel.unary_stream if rpc.server_streaming else channel.unary_unary
+                methods[rpc.path] = make(
+                    rpc.path,
+                    request_serializer=rpc.request_cls.SerializeToString,
+                    response_deserializer=rpc.response_cls.FromString,
+                )
+            self.methods.append(methods)
 
-    async def outcome(self, rpc: Rpc, message: Message) -> tuple[str, str]:
-        """(code name, details) of one call; STREAM_LEFT when we ended a healthy stream."""
-        method = self.methods[rpc.path]
+    async def outcome(self, rpc: Rpc, message: Message, identity: Metadata | None = None) -> tuple[str, str]:
+        """(code name, details) of one call (to the secured server when `identity` is given);
+        STREAM_LEFT when we ended a healthy stream."""
+        method = self.methods[0 if identity is None else 1][rpc.path]
+        extra = {} if identity is None else {"metadata": identity}
         try:
             if not rpc.server_streaming:
-                await method(message, timeout=UNARY_DEADLINE_S)
+                await method(message, timeout=UNARY_DEADLINE_S, **extra)
                 return "OK", ""
-            call = method(message, timeout=STREAM_DEADLINE_S)
+            call = method(message, timeout=STREAM_DEADLINE_S, **extra)
             received = 0
             async for _ in call:
                 received += 1
@@ -143,9 +159,9 @@ class Sender:
                 return "STREAM_LEFT", ""
             return code.name, exc.details() or ""
 
-    async def _one(self, rpc: Rpc, message: Message) -> None:
+    async def _one(self, rpc: Rpc, message: Message, identity: Metadata | None) -> None:
         async with self.limit:
-            code, details = await self.outcome(rpc, message)
+            code, details = await self.outcome(rpc, message, identity)
         self.tally.codes[(rpc.name, code)] += 1
         examples = self.tally.samples.setdefault((rpc.name, code), [])
         if len(examples) < 2 and details:
@@ -153,10 +169,17 @@ class Sender:
         # A reply the client's transport refused (trailers over its metadata limit) never reached the caller.
         refused = code == "RESOURCE_EXHAUSTED" and "metadata size" in details
         if code in {c.name for c in FORBIDDEN} or refused or (code == "DEADLINE_EXCEEDED" and not rpc.server_streaming):
-            self.tally.failures.append(Failure(rpc, message, code, details))
+            self.tally.failures.append(Failure(rpc, message, code, details, identity))
 
     async def _batch(self, batch: list[tuple[Rpc, Message]]) -> None:
-        await asyncio.gather(*(self._one(rpc, message) for rpc, message in batch))
+        number, self.batches = self.batches, self.batches + 1
+        secured = len(self.channels) > 1 and number % 4 == 3
+        identities = [
+            self.identities[(number + i) % len(self.identities)] if secured else None for i in range(len(batch))
+        ]
+        await asyncio.gather(
+            *(self._one(rpc, message, who) for (rpc, message), who in zip(batch, identities, strict=True))
+        )
 
     def submit(self, batch: list[tuple[Rpc, Message]], max_pending: int = 4) -> None:
         self.pending.append(self._call(self._batch(batch)))
@@ -168,11 +191,12 @@ class Sender:
             pending.result(UNARY_DEADLINE_S * 2)
         self.pending.clear()
 
-    def code_of(self, rpc: Rpc, message: Message) -> str:
-        return str(self._call(self.outcome(rpc, message)).result(UNARY_DEADLINE_S * 2)[0])
+    def code_of(self, rpc: Rpc, message: Message, identity: Metadata | None = None) -> str:
+        return str(self._call(self.outcome(rpc, message, identity)).result(UNARY_DEADLINE_S * 2)[0])
 
     def close(self) -> None:
-        self._call(self.channel.close(None)).result(10)
+        for channel in self.channels:
+            self._call(channel.close(None)).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
@@ -183,6 +207,9 @@ class FuzzTarget:
     serve: ServeProcess
     settings: Settings
     job_ids: list[str]
+    # The same service with auth on, and the metadata of each identity the fuzz calls it as.
+    secured: ServeProcess
+    identities: list[Metadata]
 
     @property
     def address(self) -> str:
@@ -209,13 +236,24 @@ def target(embedded_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
         grpc_grace=0.5,
     )
     serve = ServeProcess(settings, tmp / "serve.log")
+    # Every role, a token nobody holds, and none: the auth wrapper's paths get hostile bodies too.
+    tokens = {role: new_token() for role in ("operator", "producer", "viewer")}
+    (tmp / "auth").write_text("".join(f"{role} {role} {credential}\n" for role, (_, credential) in tokens.items()))
+    identities: list[Metadata] = [(("authorization", f"Bearer {token}"),) for token, _ in tokens.values()]
+    identities += [(("authorization", "Bearer qs_unknown"),), ()]
+    secured = ServeProcess(
+        replace(settings, grpc_address=f"127.0.0.1:{free_port()}", auth=True, auth_file=str(tmp / "auth")),
+        tmp / "secured.log",
+    )
     worker = WorkerProcess(settings, tmp / "worker.log")
     try:
         serve.start()
+        secured.start()
         worker.start()
-        yield FuzzTarget(serve, settings, _real_jobs(serve.address))
+        yield FuzzTarget(serve, settings, _real_jobs(serve.address), secured, identities)
     finally:
         worker.stop()
+        secured.stop()
         serve.stop()
 
 
@@ -275,7 +313,7 @@ def _report(tally: Tally, sender: Sender, log: str) -> str:
         seen.add(failure.signature())
 
         def same_failure(message: Message, failure: Failure = failure) -> bool:
-            return sender.code_of(failure.rpc, message) == failure.code
+            return sender.code_of(failure.rpc, message, failure.identity) == failure.code
 
         small = minimise(failure.request, same_failure, max_tries=150)
         lines.append(f"  {failure.rpc.path} -> {failure.code}: {failure.details}\n    {describe(small)}")
@@ -298,7 +336,7 @@ def test_hostile_requests_on_every_rpc_never_internal(target: FuzzTarget) -> Non
     hints = Hints(queues=target.settings.queues, job_ids=tuple(target.job_ids))
     requests = rpc_calls(hints, weights={rpc.name: WEIGHTS.get(rpc.name, 3) for rpc in RPCS})
     batches = st.lists(requests, min_size=BATCH, max_size=BATCH)
-    sender = Sender(target.address)
+    sender = Sender(target.address, target.secured.address, target.identities)
     print(f"\nfuzz: FUZZ_SEED={SEED}, {len(RPCS)} RPCs: {', '.join(rpc.name for rpc in RPCS)}")
 
     def run(examples: int, run_seed: int) -> None:
@@ -345,12 +383,17 @@ def test_hostile_requests_on_every_rpc_never_internal(target: FuzzTarget) -> Non
             for code in codes:
                 for example in tally.samples.get((name, code), []):
                     print(f"    {code}: {example!r}")
-        failures = _report(tally, sender, target.serve.log_text()) if tally.failures else ""
+        logs = target.serve.log_text() + target.secured.log_text()
+        failures = _report(tally, sender, logs) if tally.failures else ""
     finally:
         sender.close()
 
     # Memory is read before the assertions, so that a run with failures reports it too.
     assert target.serve.alive(), target.serve.log_text()[-3000:]
+    assert target.secured.alive(), target.secured.log_text()[-3000:]
+    # A quarter of the calls went to the server with auth on, as each identity in turn.
+    refusals = {code for (_, code), n in tally.codes.items() if n}
+    assert {"UNAUTHENTICATED", "PERMISSION_DENIED"} <= refusals
     end_rss = _settled_rss(target.serve)
     peak = target.serve.status("VmHWM")
     print(

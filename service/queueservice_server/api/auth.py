@@ -33,10 +33,10 @@ import grpc
 from google.protobuf.message import Message
 
 from queueservice.v1 import admin_service_pb2, queue_service_pb2
+from queueservice_server.api.audit import AuditTrail
 from queueservice_server.api.wrappers import MethodHandler
 
 log = logging.getLogger(__name__)
-audit_log = logging.getLogger("queueservice_server.audit")
 
 
 class Role(StrEnum):
@@ -272,8 +272,9 @@ class Denied(Exception):
 class Authenticator:
     """Checks each call of a wrapped method against its Rule; holds the current Identities."""
 
-    def __init__(self, identities: Identities, certificates: bool) -> None:
+    def __init__(self, identities: Identities, certificates: bool, audit: AuditTrail) -> None:
         self.identities = identities
+        self.audit = audit
         # Read the peer's certificate only when the server asks clients for one.
         self.certificates = certificates
 
@@ -332,9 +333,12 @@ class Authenticator:
             return self.authorize(method, rule, context)
         except Denied as denied:
             if rule.audit is not None:
-                _audit(method, denied.who, denied.code, _describe(rule.audit, request, None))
+                self._audit(method, denied.who, denied.code, _describe(rule.audit, request, None))
             await context.abort(denied.code, denied.message)
             raise AssertionError("abort returned") from None
+
+    def _audit(self, method: str, who: str, code: grpc.StatusCode, details: dict[str, Any]) -> None:
+        self.audit.add(method.rsplit("/", 1)[-1], who, code.name, details)
 
     def _unary(self, method: str, rule: Rule, behavior: Behavior) -> Behavior:
         async def checked(request: Any, context: Context) -> Any:
@@ -346,9 +350,9 @@ class Authenticator:
                     response = await behavior(request, context)
                 except BaseException:
                     code = context.code() or grpc.StatusCode.CANCELLED
-                    _audit(method, identity.name, code, _describe(rule.audit, request, None))
+                    self._audit(method, identity.name, code, _describe(rule.audit, request, None))
                     raise
-                _audit(method, identity.name, grpc.StatusCode.OK, _describe(rule.audit, request, response))
+                self._audit(method, identity.name, grpc.StatusCode.OK, _describe(rule.audit, request, response))
             if rule.redact is not None and not identity.sees_content:
                 rule.redact(response)
             return response
@@ -378,13 +382,3 @@ class Authenticator:
 def _describe(audit: Auditor, request: Any, response: Any) -> dict[str, Any]:
     # A body that did not parse reaches the wrappers as a MalformedRequest, with nothing to describe.
     return audit(request, response) if isinstance(request, Message) else {"request": "unparsable"}
-
-
-def _audit(method: str, who: str, code: grpc.StatusCode, details: dict[str, Any]) -> None:
-    audit_log.info(
-        "audit %s by %s: %s",
-        method.rsplit("/", 1)[-1],
-        who,
-        code.name,
-        extra={"audit": True, "who": who, "rpc": method.rsplit("/", 1)[-1], "code": code.name, **details},
-    )

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from queueservice.v1 import admin_service_pb2_grpc, queue_service_pb2_grpc
 from queueservice_server.api.admin_servicer import AdminServicer
+from queueservice_server.api.audit import AuditTrail
 from queueservice_server.api.auth import ANY_IDENTITY, Authenticator, AuthFileError, load_identities
 from queueservice_server.api.health import SERVICE_NAMES, RedisHealth
 from queueservice_server.api.queue_servicer import QueueServicer
@@ -68,6 +69,7 @@ class App:
     settings: Settings
     auth: Authenticator | None = None
     _health_task: asyncio.Task[None] | None = None
+    _audit_task: asyncio.Task[None] | None = None
 
     @property
     def metrics_port(self) -> int:
@@ -78,6 +80,8 @@ class App:
         await self.server.start()
         await self.health.check()
         self._health_task = asyncio.create_task(self.health.run())
+        if self.auth is not None:
+            self._audit_task = asyncio.create_task(self.auth.audit.run())
         await self.monitoring.start()
 
     def reload(self) -> None:
@@ -99,6 +103,9 @@ class App:
         # before the grace period starts counting down on the unary ones.
         await self.monitoring.end_streams()
         await self.server.stop(grace)
+        if self._audit_task is not None:
+            # Its last flush writes the lines of the calls that just drained.
+            await stop_task(self._audit_task)
         await self.monitoring.stop()
         await self.redis.aclose()
 
@@ -110,7 +117,7 @@ def _authenticator(settings: Settings) -> Authenticator | None:
         identities = load_identities(Path(settings.auth_file))
     except AuthFileError as exc:
         raise SettingsError(str(exc)) from exc
-    return Authenticator(identities, certificates=bool(settings.tls_client_ca))
+    return Authenticator(identities, certificates=bool(settings.tls_client_ca), audit=AuditTrail())
 
 
 def _add_open_services(
