@@ -217,3 +217,17 @@ def test_a_refused_password_says_so_and_health_is_not_serving(
     right = serve(protected, f"redis://:the-right-one@{host}")
     assert right.status() == SERVING
     assert right.stub.Enqueue(request("diag.noop"), timeout=8).job_id
+
+
+def test_an_acl_user_without_a_permission_is_told_to_the_operator(
+    start_redis: StartRedis, serve: Callable[..., Served]
+) -> None:
+    limited = start_redis("acl")
+    with redis.Redis(port=limited.port) as direct:
+        # Everything but scripts: every state change of the service is a script.
+        direct.acl_setuser("queue", enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all", "-@scripting"])
+    app = serve(limited, f"redis://queue:secret@127.0.0.1:{limited.port}/0")
+    error = rpc_error(lambda: app.stub.Enqueue(request("diag.noop"), timeout=8))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    assert "lacks a permission (NOPERM)" in (error.details() or "")
+    assert "secret" not in (error.details() or "")

@@ -125,6 +125,15 @@ def redis_error(found: Trouble, exc: Exception) -> ApiError:
             "restart the server; retry later or on another replica",
             [_error_info("REDIS_AUTH_FAILED")],
         )
+    if found.kind is Kind.NO_PERMISSION:
+        # Like a refused password: the operator's to fix, not the caller's.
+        return ApiError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the Redis user this server connects as lacks a permission (NOPERM): the operator must grant "
+            "its ACL user every command and key the service uses (e.g. ACL SETUSER <user> +@all ~<prefix>*), "
+            "then retry",
+            [_error_info("REDIS_NO_PERMISSION")],
+        )
     if found.kind is Kind.OUT_OF_MEMORY:
         message = (
             "the queue's Redis is out of memory (maxmemory reached; it refuses writes rather than evict "

@@ -50,6 +50,7 @@ class Kind(enum.Enum):
     RETRY = "retry"  # Redis answered "not now" (RETRY_CODES): the same call may succeed later
     OUT_OF_MEMORY = "oom"  # maxmemory reached under noeviction: writes fail until memory frees
     AUTH = "auth"  # Redis refused the password this process connects with
+    NO_PERMISSION = "noperm"  # the ACL user this process connects as may not run a command or key
 
 
 # Error replies that mean "this server cannot do it now; try again".
@@ -64,6 +65,7 @@ _CLASS_CODES: tuple[tuple[type[Exception], str], ...] = (
     (redis.exceptions.ClusterDownError, "CLUSTERDOWN"),
     (redis.exceptions.TryAgainError, "TRYAGAIN"),
     (redis.exceptions.OutOfMemoryError, "OOM"),
+    (redis.exceptions.NoPermissionError, "NOPERM"),
 )
 # redis-py prefixes an error inside a pipeline with the command that caused it; greedy, so
 # that the text after the last prefix (Redis's own) is what is read.
@@ -103,6 +105,8 @@ def trouble(exc: BaseException) -> Trouble | None:
         return Trouble(Kind.RETRY, code)
     if code == "OOM":
         return Trouble(Kind.OUT_OF_MEMORY, code)
+    if code == "NOPERM":
+        return Trouble(Kind.NO_PERMISSION, code)
     if isinstance(exc, REDIS_DOWN):
         return Trouble(Kind.DOWN, "")
     return None
