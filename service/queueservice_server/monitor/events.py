@@ -47,7 +47,8 @@ class Position:
 ORIGIN = Position((0, 0), 0)
 
 
-@dataclass(frozen=True)
+# Slots: a subscriber's buffer holds up to QUEUE_STREAM_BUFFER of these.
+@dataclass(frozen=True, slots=True)
 class Event:
     """One finished attempt from a queue's timings stream."""
 
