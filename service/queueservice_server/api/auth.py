@@ -291,8 +291,8 @@ class Authenticator:
         if self.certificates:
             peer = context.auth_context()
             identity = self.identities.by_certificate(
-                [name.decode() for name in peer.get("x509_common_name", ())],
-                [name.decode() for name in peer.get("x509_subject_alternative_name", ())],
+                [name.decode(errors="replace") for name in peer.get("x509_common_name", ())],
+                [name.decode(errors="replace") for name in peer.get("x509_subject_alternative_name", ())],
             )
             if identity is not None:
                 return identity
