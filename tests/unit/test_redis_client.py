@@ -50,15 +50,15 @@ def test_a_broken_connection_is_retried_once_and_timeouts_never() -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://:hunter2@cache:6400/0", "redis://:***@cache:6400/0"),
         ("rediss://app:hunter2@cache:6380/1", "rediss://app:***@cache:6380/1"),
-        ("redis://:p%40ss%3Aw@cache:6379/0", "redis://:***@cache:6379/0"),
-        ("redis://a:b@c@cache:6379/0", "redis://a:***@cache:6379/0"),
+        ("redis://:p%40ss%3Aw@cache:6400/0", "redis://:***@cache:6400/0"),
+        ("redis://a:b@c@cache:6400/0", "redis://a:***@cache:6400/0"),
         ("unix://:hunter2@/run/redis.sock?db=2", "unix://:***@/run/redis.sock?db=2"),
         ("unix:///run/redis.sock?db=2&password=hunter2", "unix:///run/redis.sock?db=2&password=***"),
-        ("redis://app@cache:6379/0", "redis://app@cache:6379/0"),
-        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-        ("redis://:hunter2@[::1:6379/0", "<unparsable Redis URL>"),
+        ("redis://app@cache:6400/0", "redis://app@cache:6400/0"),
+        ("redis://127.0.0.1:6400/0", "redis://127.0.0.1:6400/0"),
+        ("redis://:hunter2@[::1:6400/0", "<unparsable Redis URL>"),
     ],
 )
 def test_redacted_url_hides_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
