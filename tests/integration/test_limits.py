@@ -102,12 +102,17 @@ def test_open_streams_count_against_the_concurrent_rpc_cap(
 
     # A slot frees when a stream ends.
     first.cancel()
-    wait_for(lambda: _answers(admin), 10, what="GetStats answered once a stream ended")
+    wait_for(
+        lambda: _admitted(lambda: admin.GetStats(pb.GetStatsRequest(), timeout=10)),
+        10,
+        what="GetStats answered once a stream ended",
+    )
 
 
-def _answers(admin: admin_service_pb2_grpc.QueueAdminServiceStub) -> bool:
+def _admitted(call: Callable[[], object]) -> bool:
+    """Whether `call` got in; the only refusal it may meet is RESOURCE_EXHAUSTED."""
     try:
-        admin.GetStats(pb.GetStatsRequest(), timeout=10)
+        call()
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
         return False
@@ -131,16 +136,7 @@ def test_subscribers_beyond_the_cap_are_refused_naming_the_setting(
     # Unary calls still have room, and a subscriber that leaves makes room for another.
     admin.GetStats(pb.GetStatsRequest(), timeout=10)
     first.cancel()
-    wait_for(lambda: _subscribes(admin, streams), 10, what="a new subscriber accepted")
-
-
-def _subscribes(admin: admin_service_pb2_grpc.QueueAdminServiceStub, streams: list[Stream]) -> bool:
-    try:
-        open_stream(admin, streams)
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
-        return False
-    return True
+    wait_for(lambda: _admitted(lambda: open_stream(admin, streams)), 10, what="a new subscriber accepted")
 
 
 def test_subscribers_at_the_largest_last_n_hold_no_backlog(
