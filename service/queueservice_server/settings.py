@@ -142,9 +142,7 @@ class Settings:
 
     @property
     def diag_enabled(self) -> bool:
-        if self.diag_tasks is not None:
-            return self.diag_tasks
-        return self.env != "prod"
+        return self.env != "prod" if self.diag_tasks is None else self.diag_tasks
 
     @property
     def embedded_redis(self) -> bool:

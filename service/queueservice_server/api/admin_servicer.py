@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from queueservice.v1 import admin_service_pb2, admin_service_pb2_grpc
-from queueservice_server.api.errors import Context, invalid_argument, quoted, resource_exhausted, rpc, rpc_stream
+from queueservice_server.api.errors import Context, invalid_argument, resource_exhausted, rpc, rpc_stream
 from queueservice_server.api.monitor_convert import (
     OUTCOME_FILTERS,
     delivery_to_proto,
@@ -78,8 +78,7 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         queues = self._queues(request.queue)
         violations: list[tuple[str, str]] = []
         if request.task and request.task not in self.validator.tasks:
-            known = ", ".join(sorted(self.validator.tasks)) or "none"
-            violations.append(("task", f"unknown task {quoted(request.task)}; registered tasks: {known}"))
+            violations.append(("task", self.validator.unknown_task(request.task)))
         if request.outcome and request.outcome not in OUTCOME_FILTERS:
             violations.append(("outcome", f"unknown outcome {request.outcome}"))
         retained = self.settings.timings_retained
@@ -102,8 +101,8 @@ class AdminServicer(admin_service_pb2_grpc.QueueAdminServiceServicer):
         except TooManySubscribers as exc:
             raise resource_exhausted(
                 "QUEUE_STREAM_MAX_SUBSCRIBERS",
-                f"this server already has {exc.limit} StreamTimings subscribers, its limit "
-                "(QUEUE_STREAM_MAX_SUBSCRIBERS); retry later, on another replica, or close idle streams",
+                f"{exc}, its limit (QUEUE_STREAM_MAX_SUBSCRIBERS); "
+                "retry later, on another replica, or close idle streams",
             ) from None
 
     async def _check_not_ahead(self, cursor: dict[str, Position]) -> None:

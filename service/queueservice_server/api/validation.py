@@ -88,14 +88,18 @@ class Validator:
             "queue", queue, f"{field}: no queue named {queue!r}; configured: {', '.join(self.settings.queues)}"
         )
 
+    def unknown_task(self, name: str) -> str:
+        """What a request naming a task that is not registered is told."""
+        known = ", ".join(sorted(self.tasks)) or "none"
+        return f"unknown task {quoted(name)}; registered tasks: {known}"
+
     def job(self, request: queue_service_pb2.EnqueueRequest, path: str = "") -> JobSpec:
         violations: list[tuple[str, str]] = []
         definition = self.tasks.get(request.task)
         if not request.task:
             violations.append((path + "task", "required: the name of a registered task, e.g. 'diag.noop'"))
         elif definition is None:
-            known = ", ".join(sorted(self.tasks)) or "none"
-            violations.append((path + "task", f"unknown task {quoted(request.task)}; registered tasks: {known}"))
+            violations.append((path + "task", self.unknown_task(request.task)))
         if not 0 <= request.priority <= MAX_PRIORITY:
             violations.append((path + "priority", f"must be between 0 and {MAX_PRIORITY}, got {request.priority}"))
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:

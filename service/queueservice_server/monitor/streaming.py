@@ -200,11 +200,12 @@ class TimingsHub:
             for queue in wanted.queues:
                 walk = self._newest_first(queue)
                 first = await anext(walk, None)
-                starts[queue] = first.position if first is not None else ORIGIN
-                if first is not None:
-                    heads[queue] = (first, walk)
-                else:
+                if first is None:
+                    starts[queue] = ORIGIN
                     await walk.aclose()
+                else:
+                    starts[queue] = first.position
+                    heads[queue] = (first, walk)
             chosen = 0
             while chosen < count and heads:
                 queue = max(heads, key=lambda q: heads[q][0].id)
